@@ -1,0 +1,535 @@
+#include "core/engine.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+
+#include "absl/container/inlined_vector.h"
+#include "absl/strings/str_cat.h"
+#include "core/checkpoint.h"
+#include "core/layers.h"
+#include "core/linear.h"
+#include "core/status_macros.h"
+
+namespace mmdit {
+namespace {
+
+// Which chunk of a modulation Linear's output feeds each AdaLN site (MODEL_SPEC 3.1, 3.8).
+struct AdaLnSite {
+  int shift, scale, gate;  // gate -1: the site has no gate
+};
+struct ModulationLayout {
+  int chunks;
+  AdaLnSite attention, mlp, dual;
+};
+constexpr ModulationLayout kFullBlock = {6, {0, 1, 2}, {3, 4, 5}, {-1, -1, -1}};
+constexpr ModulationLayout kDualAttentionBlock = {9, {0, 1, 2}, {3, 4, 5}, {6, 7, 8}};
+constexpr ModulationLayout kContextPreOnly = {2, {1, 0, -1}, {-1, -1, -1}, {-1, -1, -1}};  // scale first
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Prepared weights.
+
+struct StreamBlock {  // one stream's half of a joint block
+  Linear modulation, q, k, v;
+  std::optional<Tensor> q_norm, k_norm;
+  std::optional<Linear> out, ff_in, ff_out;  // absent in a context-pre-only text stream
+};
+
+struct SelfAttentionBlock {
+  Linear q, k, v, out;
+  std::optional<Tensor> q_norm, k_norm;
+};
+
+struct JointBlock {
+  StreamBlock image, text;
+  std::optional<SelfAttentionBlock> dual_attention;
+  ModulationLayout image_layout, text_layout;
+};
+
+struct EngineModel {
+  std::unique_ptr<DnnlContext> dnnl;
+  Linear patch_embed, timestep_1, timestep_2, pooled_1, pooled_2, context_embedder, norm_out, proj_out;
+  std::optional<Tensor> pos_table;  // [M*M, D]
+  std::vector<JointBlock> blocks;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Activations.
+
+// One stream's rows for the whole batch: sample b owns rows [offset[b], offset[b] + rows[b]).
+struct StreamRows {
+  std::vector<int64_t> offset, rows;
+  int64_t total = 0;
+  float* x = nullptr;           // [total, D] the residual stream
+  float* normed = nullptr;      // [total, D] LN + modulation
+  float* q = nullptr;           // [total, D]
+  float* k = nullptr;           // [total, D]
+  float* v = nullptr;           // [total, D]
+  float* attended = nullptr;    // [total, D]
+  float* projected = nullptr;   // [total, D]
+  float* mlp_hidden = nullptr;  // [total, mlp]
+  float* modulation = nullptr;  // [B, chunks * D] of the current modulation Linear
+  int64_t modulation_stride = 0;  // that Linear's output width
+  const float* Chunk(int64_t sample, int index, int64_t dim) const {
+    return modulation + sample * modulation_stride + index * dim;
+  }
+};
+
+struct EngineWorkspace {
+  std::vector<float> image, text, conditioning, attention_scratch;
+  StreamRows image_rows, text_rows;
+};
+
+namespace {
+
+// Grows `buffer` to at least `floats` (never shrinks, so a warmed shape allocates nothing)
+// and carves it into consecutive [count] pieces.
+class Carver {
+ public:
+  Carver(std::vector<float>& buffer, int64_t floats) {
+    if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
+    next_ = buffer.data();
+  }
+  float* Take(int64_t count) { return std::exchange(next_, next_ + count); }
+
+ private:
+  float* next_;
+};
+
+// Packs `s.rows` sample after sample and carves `s`'s buffers out of `buffer`.
+void PlanStream(std::vector<float>& buffer, int64_t batch, int64_t dim, int64_t mlp, int chunks, StreamRows& s) {
+  s.total = 0;
+  for (size_t b = 0; b < s.rows.size(); ++b) {
+    s.offset[b] = s.total;
+    s.total += s.rows[b];
+  }
+  s.modulation_stride = chunks * dim;
+  Carver carve(buffer, s.total * (7 * dim + mlp) + batch * s.modulation_stride);
+  for (float** piece : {&s.x, &s.normed, &s.q, &s.k, &s.v, &s.attended, &s.projected}) {
+    *piece = carve.Take(s.total * dim);
+  }
+  s.mlp_hidden = carve.Take(s.total * mlp);
+  s.modulation = carve.Take(batch * s.modulation_stride);
+}
+
+// normed[rows of b] = LN(x) * (1 + scale_b) + shift_b, from `source` rows.
+void ModulateRows(const StreamRows& s, const float* source, AdaLnSite site, int64_t dim, float* out) {
+  for (size_t b = 0; b < s.rows.size(); ++b) {
+    LayerNormModulate(source + s.offset[b] * dim, s.rows[b], dim, s.Chunk(b, site.shift, dim),
+                      s.Chunk(b, site.scale, dim), out + s.offset[b] * dim);
+  }
+}
+
+// x[rows of b] += gate_b * y.
+void GateIntoResidual(StreamRows& s, const float* y, AdaLnSite site, int64_t dim) {
+  for (size_t b = 0; b < s.rows.size(); ++b) {
+    GatedResidualAdd(y + s.offset[b] * dim, s.rows[b], dim, s.Chunk(b, site.gate, dim), s.x + s.offset[b] * dim);
+  }
+}
+
+// q, k, v of `normed` rows, with the optional RMS qk-norm.
+template <typename Block>
+absl::Status ProjectQkv(Block& w, const StreamRows& s, const float* normed, int64_t heads, int64_t head_dim) {
+  RETURN_IF_ERROR(w.q.Forward(normed, s.total, s.q));
+  RETURN_IF_ERROR(w.k.Forward(normed, s.total, s.k));
+  RETURN_IF_ERROR(w.v.Forward(normed, s.total, s.v));
+  if (w.q_norm) RmsNormHeads(s.q, s.total, heads, head_dim, w.q_norm->data.data());
+  if (w.k_norm) RmsNormHeads(s.k, s.total, heads, head_dim, w.k_norm->data.data());
+  return absl::OkStatus();
+}
+
+AttentionSegment SegmentOf(const StreamRows& s, int64_t sample, int64_t dim) {
+  const int64_t at = s.offset[sample] * dim;
+  return {s.q + at, s.k + at, s.v + at, s.attended + at, s.rows[sample]};
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Construction.
+
+Engine::Engine(const ModelConfig& config, std::unique_ptr<EngineModel> model)
+    : config_(config), model_(std::move(model)), workspace_(std::make_unique<EngineWorkspace>()) {}
+
+Engine::~Engine() = default;
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_dir) {
+  ASSIGN_OR_RETURN(ModelConfig config, ReadModelConfig((std::filesystem::path(model_dir) / "config.json").string()));
+  ASSIGN_OR_RETURN(TensorMap tensors, ReadCheckpoint(model_dir));
+  ASSIGN_OR_RETURN(ModelWeights weights, BindWeights(config, ToDiffusersNames(std::move(tensors), config.hidden())));
+  return Create(config, std::move(weights));
+}
+
+namespace {
+
+absl::StatusOr<StreamBlock> PrepareStream(DnnlContext& dnnl, StreamBlockWeights w) {
+  auto linear = [&](LinearWeights& lw, Epilogue e = Epilogue::kNone) { return Linear::Create(dnnl, std::move(lw), e); };
+  ASSIGN_OR_RETURN(Linear modulation, linear(w.modulation));
+  ASSIGN_OR_RETURN(Linear q, linear(w.q));
+  ASSIGN_OR_RETURN(Linear k, linear(w.k));
+  ASSIGN_OR_RETURN(Linear v, linear(w.v));
+  StreamBlock s{std::move(modulation), std::move(q), std::move(k), std::move(v), std::move(w.q_norm),
+                std::move(w.k_norm), {}, {}, {}};
+  if (w.out) {
+    ASSIGN_OR_RETURN(s.out, linear(*w.out));
+    ASSIGN_OR_RETURN(s.ff_in, linear(*w.ff_in, Epilogue::kGeluTanh));
+    ASSIGN_OR_RETURN(s.ff_out, linear(*w.ff_out));
+  }
+  return s;
+}
+
+absl::StatusOr<SelfAttentionBlock> PrepareSelfAttention(DnnlContext& dnnl, SelfAttentionWeights w) {
+  ASSIGN_OR_RETURN(Linear q, Linear::Create(dnnl, std::move(w.q), Epilogue::kNone));
+  ASSIGN_OR_RETURN(Linear k, Linear::Create(dnnl, std::move(w.k), Epilogue::kNone));
+  ASSIGN_OR_RETURN(Linear v, Linear::Create(dnnl, std::move(w.v), Epilogue::kNone));
+  ASSIGN_OR_RETURN(Linear out, Linear::Create(dnnl, std::move(w.out), Epilogue::kNone));
+  return SelfAttentionBlock{std::move(q), std::move(k), std::move(v), std::move(out), std::move(w.q_norm),
+                            std::move(w.k_norm)};
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelConfig& config, ModelWeights w) {
+  RETURN_IF_ERROR(ValidateModelConfig(config));
+  ASSIGN_OR_RETURN(std::unique_ptr<DnnlContext> dnnl, DnnlContext::Create());
+  auto linear = [&](LinearWeights& lw) { return Linear::Create(*dnnl, std::move(lw), Epilogue::kNone); };
+  ASSIGN_OR_RETURN(Linear patch_embed, linear(w.patch_embed));
+  ASSIGN_OR_RETURN(Linear timestep_1, linear(w.timestep_1));
+  ASSIGN_OR_RETURN(Linear timestep_2, linear(w.timestep_2));
+  ASSIGN_OR_RETURN(Linear pooled_1, linear(w.pooled_1));
+  ASSIGN_OR_RETURN(Linear pooled_2, linear(w.pooled_2));
+  ASSIGN_OR_RETURN(Linear context_embedder, linear(w.context_embedder));
+  ASSIGN_OR_RETURN(Linear norm_out, linear(w.norm_out));
+  ASSIGN_OR_RETURN(Linear proj_out, linear(w.proj_out));
+  auto model = std::make_unique<EngineModel>(EngineModel{nullptr, std::move(patch_embed), std::move(timestep_1),
+                                             std::move(timestep_2), std::move(pooled_1), std::move(pooled_2),
+                                             std::move(context_embedder), std::move(norm_out), std::move(proj_out),
+                                             std::move(w.pos_table), {}});
+  for (size_t i = 0; i < w.blocks.size(); ++i) {
+    JointBlockWeights& bw = w.blocks[i];
+    ASSIGN_OR_RETURN(StreamBlock image, PrepareStream(*dnnl, std::move(bw.image)));
+    ASSIGN_OR_RETURN(StreamBlock text, PrepareStream(*dnnl, std::move(bw.text)));
+    JointBlock block{std::move(image), std::move(text), std::nullopt,
+                     bw.dual_attention ? kDualAttentionBlock : kFullBlock,
+                     config.IsContextPreOnly(i) ? kContextPreOnly : kFullBlock};
+    if (bw.dual_attention) {
+      ASSIGN_OR_RETURN(block.dual_attention, PrepareSelfAttention(*dnnl, std::move(*bw.dual_attention)));
+    }
+    model->blocks.push_back(std::move(block));
+  }
+  model->dnnl = std::move(dnnl);  // the Linears point at it; it lives as long as they do
+  return std::unique_ptr<Engine>(new Engine(config, std::move(model)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation.
+
+SampleTokens Engine::TokensOf(const SampleInput& sample) const {
+  const Shape& img = sample.img_latent.shape;
+  const int64_t p = config_.patch_size;
+  const int64_t image_tokens = img.size() == 3 ? (img[1] / p) * (img[2] / p) : img[0];
+  return {image_tokens, sample.txt_embed.shape[0]};
+}
+
+absl::Status Engine::ValidateSample(const SampleInput& s) const {
+  const ModelConfig& c = config_;
+  const Shape& img = s.img_latent.shape;
+  const int64_t p = c.patch_size;
+  if (img.size() == 3) {
+    const bool fits = img[0] == c.in_channels && img[1] >= p && img[2] >= p && img[1] % p == 0 && img[2] % p == 0;
+    if (!fits) {
+      return absl::InvalidArgumentError(absl::StrCat("img_latent: expected [C=", c.in_channels,
+                                                     ", H, W] with H and W positive multiples of patch_size ", p,
+                                                     ", got ", ShapeString(img)));
+    }
+    if (c.pos_embed_max_size && (img[1] / p > *c.pos_embed_max_size || img[2] / p > *c.pos_embed_max_size)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "img_latent: ", ShapeString(img), " is a ", img[1] / p, "x", img[2] / p,
+          " patch grid; the position table allows at most ", *c.pos_embed_max_size, "x", *c.pos_embed_max_size,
+          " (H and W <= ", *c.pos_embed_max_size * p, ")"));
+    }
+  } else if (img.size() == 2) {
+    if (c.has_positions()) {
+      return absl::InvalidArgumentError(absl::StrCat("img_latent: token form ", ShapeString(img),
+                                                     " needs a model without a position table; send [C=",
+                                                     c.in_channels, ", H, W]"));
+    }
+    if (img[0] < 1 || img[1] != c.patch_features()) {
+      return absl::InvalidArgumentError(absl::StrCat("img_latent: expected tokens [N >= 1, ", c.patch_features(),
+                                                     "], got ", ShapeString(img)));
+    }
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat("img_latent: expected [C=", c.in_channels,
+                                                   ", H, W] (image form) or [N, ", c.patch_features(),
+                                                   "] (token form) per sample, got ", ShapeString(img)));
+  }
+  const Shape& txt = s.txt_embed.shape;
+  if (txt.size() != 2 || txt[0] < 1 || txt[1] != c.joint_attention_dim) {
+    return absl::InvalidArgumentError(absl::StrCat("txt_embed: expected [T >= 1, ", c.joint_attention_dim,
+                                                   "] per sample, got ", ShapeString(txt)));
+  }
+  if (s.pooled_text.shape != Shape{c.pooled_projection_dim}) {
+    return absl::InvalidArgumentError(absl::StrCat("pooled_text: expected [", c.pooled_projection_dim,
+                                                   "] per sample, got ", ShapeString(s.pooled_text.shape)));
+  }
+  if (!std::isfinite(s.timestep)) {
+    return absl::InvalidArgumentError(absl::StrCat("timestep: must be finite, got ", s.timestep));
+  }
+  return absl::OkStatus();
+}
+
+double ForwardFlops(const ModelConfig& c, absl::Span<const SampleTokens> samples) {
+  const double d = c.hidden(), mlp = c.mlp_hidden(), batch = samples.size();
+  double n = 0, t = 0, attention = 0, dual = 0;
+  for (const SampleTokens& s : samples) {
+    n += s.image_tokens;
+    t += s.text_tokens;
+    const double length = s.image_tokens + s.text_tokens;
+    attention += 2.0 * length * length * d * 2;  // Q K^T and P V
+    dual += 2.0 * s.image_tokens * s.image_tokens * d * 2;
+  }
+  auto linear = [](double rows, double in, double out) { return 2.0 * rows * in * out; };
+  double flops = linear(n, c.patch_features(), d) + linear(batch, kTimestepFeatures, d) + linear(batch, d, d) +
+                 linear(batch, c.pooled_projection_dim, d) + linear(batch, d, d) + linear(t, c.joint_attention_dim, d);
+  for (int64_t i = 0; i < c.num_layers; ++i) {
+    const bool pre_only = c.IsContextPreOnly(i), is_dual = c.IsDualAttention(i);
+    flops += linear(batch, d, (is_dual ? 9 : 6) * d) + linear(batch, d, (pre_only ? 2 : 6) * d);
+    flops += linear(n + t, d, 3 * d) + attention;                       // q, k, v; attention
+    flops += linear(n, d, d) + 2 * linear(n, d, mlp);                   // image out, MLP
+    if (!pre_only) flops += linear(t, d, d) + 2 * linear(t, d, mlp);    // text out, MLP
+    if (is_dual) flops += linear(n, d, 4 * d) + dual;
+  }
+  return flops + linear(batch, d, 2 * d) + linear(n, d, c.output_features());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The forward pass (MODEL_SPEC section 2).
+
+namespace {
+
+// Everything one forward call reads and writes besides the weights.
+struct Pass {
+  const ModelConfig& config;
+  absl::Span<const SampleInput> batch;
+  StreamRows& image;
+  StreamRows& text;
+  float* conditioning;  // [B, D]: SiLU(temb + pemb), what every modulation Linear reads
+  float* conditioning_scratch;  // [B, 256 + P + 2D]
+  absl::Span<float> attention_scratch;
+};
+
+// Patchify (or take tokens), patch-embed, add cropped positions: image.x [N_total, D].
+absl::Status EmbedImage(Pass& pass, Linear& patch_embed, const std::optional<Tensor>& pos_table) {
+  const ModelConfig& c = pass.config;
+  const int64_t d = c.hidden(), p = c.patch_size;
+  StreamRows& s = pass.image;
+  float* tokens = s.mlp_hidden;  // [N_total, C*p*p]: free until the first MLP (mlp >= C*p*p is checked)
+  for (size_t b = 0; b < pass.batch.size(); ++b) {
+    const TensorView& img = pass.batch[b].img_latent;
+    float* sample_tokens = tokens + s.offset[b] * c.patch_features();
+    if (img.shape.size() == 3) {
+      Patchify(img.data, img.shape[0], img.shape[1], img.shape[2], p, sample_tokens);
+    } else {
+      std::copy(img.data, img.data + img.NumElements(), sample_tokens);
+    }
+  }
+  RETURN_IF_ERROR(patch_embed.Forward(tokens, s.total, s.x));
+  if (pos_table) {
+    for (size_t b = 0; b < pass.batch.size(); ++b) {
+      const Shape& img = pass.batch[b].img_latent.shape;
+      AddCroppedPositions(pos_table->data.data(), *c.pos_embed_max_size, img[1] / p, img[2] / p, d,
+                          s.x + s.offset[b] * d);
+    }
+  }
+  return absl::OkStatus();
+}
+
+// conditioning [B, D] = SiLU(timestep embedding + pooled-text embedding).
+absl::Status EmbedConditioning(Pass& pass, EngineModel& m) {
+  const int64_t batch = pass.batch.size(), d = pass.config.hidden(), pooled = pass.config.pooled_projection_dim;
+  float* features = pass.conditioning_scratch;  // [B, 256]
+  float* pooled_in = features + batch * kTimestepFeatures;  // [B, P]
+  float* hidden = pooled_in + batch * pooled;                // [B, D]
+  float* pooled_embedding = hidden + batch * d;              // [B, D]
+  for (int64_t b = 0; b < batch; ++b) {
+    TimestepFeatures(pass.batch[b].timestep, features + b * kTimestepFeatures);
+    std::copy_n(pass.batch[b].pooled_text.data, pooled, pooled_in + b * pooled);
+  }
+  RETURN_IF_ERROR(m.timestep_1.Forward(features, batch, hidden));
+  SiLU(hidden, batch * d, hidden);
+  RETURN_IF_ERROR(m.timestep_2.Forward(hidden, batch, pass.conditioning));
+  RETURN_IF_ERROR(m.pooled_1.Forward(pooled_in, batch, hidden));
+  SiLU(hidden, batch * d, hidden);
+  RETURN_IF_ERROR(m.pooled_2.Forward(hidden, batch, pooled_embedding));
+  for (int64_t i = 0; i < batch * d; ++i) pass.conditioning[i] += pooled_embedding[i];
+  SiLU(pass.conditioning, batch * d, pass.conditioning);
+  return absl::OkStatus();
+}
+
+// text.x [T_total, D] = context_embedder(txt_embed).
+absl::Status EmbedText(Pass& pass, Linear& context_embedder) {
+  StreamRows& s = pass.text;
+  const int64_t j = pass.config.joint_attention_dim;
+  float* packed = s.mlp_hidden;  // [T_total, J]: free until the first MLP (mlp >= J is checked)
+  for (size_t b = 0; b < pass.batch.size(); ++b) {
+    const TensorView& txt = pass.batch[b].txt_embed;
+    std::copy(txt.data, txt.data + txt.NumElements(), packed + s.offset[b] * j);
+  }
+  return context_embedder.Forward(packed, s.total, s.x);
+}
+
+// Modulate, then project to q, k, v: the part of a block before the streams meet.
+absl::Status PreAttention(Pass& pass, StreamBlock& w, AdaLnSite site, StreamRows& s) {
+  const ModelConfig& c = pass.config;
+  RETURN_IF_ERROR(w.modulation.Forward(pass.conditioning, pass.batch.size(), s.modulation));
+  s.modulation_stride = w.modulation.out_features();
+  ModulateRows(s, s.x, site, c.hidden(), s.normed);
+  return ProjectQkv(w, s, s.normed, c.num_attention_heads, c.attention_head_dim);
+}
+
+// The only place that knows there are two streams: each sample attends over its text and
+// image tokens together, and the result lands back in each stream's `attended` rows.
+void JointAttention(Pass& pass) {
+  const int64_t batch = pass.batch.size(), d = pass.config.hidden();
+  absl::InlinedVector<AttentionSequence, 16> sequences(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    sequences[b].segments[0] = SegmentOf(pass.text, b, d);
+    sequences[b].segments[1] = SegmentOf(pass.image, b, d);
+    sequences[b].num_segments = 2;
+  }
+  Attention(sequences, pass.config.num_attention_heads, pass.config.attention_head_dim, d, pass.attention_scratch);
+}
+
+// x += gate * out(attended).
+absl::Status AttentionResidual(Pass& pass, StreamBlock& w, AdaLnSite site, StreamRows& s) {
+  RETURN_IF_ERROR(w.out->Forward(s.attended, s.total, s.projected));
+  GateIntoResidual(s, s.projected, site, pass.config.hidden());
+  return absl::OkStatus();
+}
+
+// x += gate * ff(LN(x) * (1 + scale) + shift), ff = Linear(GELU_tanh(Linear(.))).
+absl::Status MlpResidual(Pass& pass, StreamBlock& w, AdaLnSite site, StreamRows& s) {
+  const int64_t d = pass.config.hidden();
+  ModulateRows(s, s.x, site, d, s.normed);
+  RETURN_IF_ERROR(w.ff_in->Forward(s.normed, s.total, s.mlp_hidden));  // GELU fused
+  RETURN_IF_ERROR(w.ff_out->Forward(s.mlp_hidden, s.total, s.projected));
+  GateIntoResidual(s, s.projected, site, d);
+  return absl::OkStatus();
+}
+
+// SD3.5-medium: x += g3 * attn2.out(SelfAttn(`normed`)) over each sample's image tokens.
+// `normed` = LN(x_in) * (1 + sc3) + sh3 from the block's input (in image.mlp_hidden).
+absl::Status DualSelfAttention(Pass& pass, SelfAttentionBlock& w, AdaLnSite site, const float* normed) {
+  const ModelConfig& c = pass.config;
+  StreamRows& s = pass.image;
+  RETURN_IF_ERROR(ProjectQkv(w, s, normed, c.num_attention_heads, c.attention_head_dim));
+  absl::InlinedVector<AttentionSequence, 16> sequences(pass.batch.size());
+  for (size_t b = 0; b < sequences.size(); ++b) {
+    sequences[b].segments[0] = SegmentOf(s, b, c.hidden());
+    sequences[b].num_segments = 1;
+  }
+  Attention(sequences, c.num_attention_heads, c.attention_head_dim, c.hidden(), pass.attention_scratch);
+  RETURN_IF_ERROR(w.out.Forward(s.attended, s.total, s.projected));
+  GateIntoResidual(s, s.projected, site, c.hidden());
+  return absl::OkStatus();
+}
+
+// One joint block (MODEL_SPEC section 3).
+absl::Status JointBlockForward(Pass& pass, JointBlock& block) {
+  StreamRows& image = pass.image;
+  StreamRows& text = pass.text;
+  RETURN_IF_ERROR(PreAttention(pass, block.image, block.image_layout.attention, image));
+  RETURN_IF_ERROR(PreAttention(pass, block.text, block.text_layout.attention, text));
+  if (block.dual_attention) {
+    ModulateRows(image, image.x, block.image_layout.dual, pass.config.hidden(), image.mlp_hidden);
+  }
+  JointAttention(pass);
+  RETURN_IF_ERROR(AttentionResidual(pass, block.image, block.image_layout.attention, image));
+  if (block.dual_attention) {
+    RETURN_IF_ERROR(DualSelfAttention(pass, *block.dual_attention, block.image_layout.dual, image.mlp_hidden));
+  }
+  RETURN_IF_ERROR(MlpResidual(pass, block.image, block.image_layout.mlp, image));
+  if (!block.text.out) return absl::OkStatus();  // context-pre-only: the text stream ends here
+  RETURN_IF_ERROR(AttentionResidual(pass, block.text, block.text_layout.attention, text));
+  return MlpResidual(pass, block.text, block.text_layout.mlp, text);
+}
+
+// y [N_total, p*p*Co] = proj_out(LN(x) * (1 + scale) + shift), [scale, shift] = norm_out(cond).
+absl::Status FinalLayer(Pass& pass, EngineModel& m, float* y) {
+  StreamRows& s = pass.image;
+  constexpr ModulationLayout kFinal = {2, {1, 0, -1}, {}, {}};  // scale first, like the pre-only block
+  RETURN_IF_ERROR(m.norm_out.Forward(pass.conditioning, pass.batch.size(), s.modulation));
+  s.modulation_stride = m.norm_out.out_features();
+  ModulateRows(s, s.x, kFinal.attention, pass.config.hidden(), s.normed);
+  return m.proj_out.Forward(s.normed, s.total, y);
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<Tensor>> Engine::Forward(absl::Span<const SampleInput> batch) {
+  if (batch.empty()) return std::vector<Tensor>();
+  for (size_t b = 0; b < batch.size(); ++b) {
+    if (absl::Status status = ValidateSample(batch[b]); !status.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("sample ", b, ": ", status.message()));
+    }
+  }
+  const ModelConfig& c = config_;
+  const int64_t n_batch = batch.size(), d = c.hidden();
+  std::lock_guard<std::mutex> lock(forward_mutex_);
+  EngineWorkspace& ws = *workspace_;
+
+  // Plan: each stream's rows, packed sample after sample, and the buffers that hold them.
+  ws.image_rows.offset.assign(n_batch, 0);
+  ws.text_rows.offset.assign(n_batch, 0);
+  ws.image_rows.rows.resize(n_batch);
+  ws.text_rows.rows.resize(n_batch);
+  int64_t max_length = 0;
+  for (int64_t b = 0; b < n_batch; ++b) {
+    const SampleTokens tokens = TokensOf(batch[b]);
+    ws.image_rows.rows[b] = tokens.image_tokens;
+    ws.text_rows.rows[b] = tokens.text_tokens;
+    max_length = std::max(max_length, tokens.image_tokens + tokens.text_tokens);
+  }
+  // The MLP buffer doubles as input staging (patch features, text features) and holds the
+  // dual-attention input: it is at least as wide as each.
+  const int64_t wide = std::max({c.mlp_hidden(), c.patch_features(), c.joint_attention_dim, d});
+  const int chunks = kDualAttentionBlock.chunks;  // the widest modulation
+  PlanStream(ws.image, n_batch, d, std::max(wide, c.output_features()), chunks, ws.image_rows);
+  PlanStream(ws.text, n_batch, d, wide, chunks, ws.text_rows);
+  Carver carve(ws.conditioning, n_batch * (3 * d + kTimestepFeatures + c.pooled_projection_dim));
+  const int64_t scratch = AttentionScratchFloats(max_length, omp_get_max_threads());
+  if (static_cast<int64_t>(ws.attention_scratch.size()) < scratch) ws.attention_scratch.resize(scratch);
+  float* conditioning = carve.Take(n_batch * d);
+  float* conditioning_scratch = carve.Take(n_batch * (2 * d + kTimestepFeatures + c.pooled_projection_dim));
+  Pass pass{c, batch, ws.image_rows, ws.text_rows, conditioning, conditioning_scratch,
+            absl::MakeSpan(ws.attention_scratch)};
+
+  EngineModel& m = *model_;
+  RETURN_IF_ERROR(EmbedImage(pass, m.patch_embed, m.pos_table));
+  RETURN_IF_ERROR(EmbedConditioning(pass, m));
+  RETURN_IF_ERROR(EmbedText(pass, m.context_embedder));
+  for (JointBlock& block : m.blocks) RETURN_IF_ERROR(JointBlockForward(pass, block));
+  float* y = ws.image_rows.mlp_hidden;  // [N_total, p*p*Co]
+  RETURN_IF_ERROR(FinalLayer(pass, m, y));
+
+  std::vector<Tensor> outputs;
+  for (int64_t b = 0; b < n_batch; ++b) {
+    const Shape& img = batch[b].img_latent.shape;
+    const float* sample_y = y + ws.image_rows.offset[b] * c.output_features();
+    if (img.size() == 3) {
+      Tensor out({c.out_channels, img[1], img[2]});
+      Unpatchify(sample_y, c.out_channels, img[1], img[2], c.patch_size, out.data.data());
+      outputs.push_back(std::move(out));
+    } else {
+      outputs.emplace_back(Shape{img[0], c.output_features()},
+                           std::vector<float>(sample_y, sample_y + img[0] * c.output_features()));
+    }
+  }
+  return outputs;
+}
+
+}  // namespace mmdit

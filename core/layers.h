@@ -1,0 +1,71 @@
+// The model's element-wise and attention layers on packed rows (float32, row-major).
+// Matrix products live in linear.h. Each function here has a naive-loop twin in
+// tests/core/layers_test.cc. All are thread-compatible and parallelise internally with
+// OpenMP, the same runtime oneDNN uses, so the two never oversubscribe the cores.
+#pragma once
+
+#include <cstdint>
+
+#include "absl/types/span.h"
+
+namespace mmdit {
+
+inline constexpr float kNormEpsilon = 1e-6f;
+inline constexpr int64_t kTimestepFeatures = 256;
+
+// out[r] = LN(x[r]) * (1 + scale) + shift for `rows` rows of width `dim`; LN has no affine
+// weights (eps 1e-6, biased variance). `shift` and `scale` are [dim], shared by all rows.
+// `out` may alias `x`.
+void LayerNormModulate(const float* x, int64_t rows, int64_t dim, const float* shift, const float* scale,
+                       float* out);
+
+// x[r] += gate * y[r] for `rows` rows of width `dim`; `gate` is [dim].
+void GatedResidualAdd(const float* y, int64_t rows, int64_t dim, const float* gate, float* x);
+
+// In place, per row and head: z / sqrt(mean(z^2) + 1e-6) * gamma over `head_dim` features.
+// Rows are `heads * head_dim` wide; `gamma` is [head_dim].
+void RmsNormHeads(float* x, int64_t rows, int64_t heads, int64_t head_dim, const float* gamma);
+
+// out = x * sigmoid(x); `out` may alias `x`.
+void SiLU(const float* x, int64_t count, float* out);
+
+// The sinusoidal timestep features [cos(t f_k), sin(t f_k)], f_k = exp(-ln(1e4) k / 128),
+// into out[256].
+void TimestepFeatures(float timestep, float* out);
+
+// latent [C, H, W] -> tokens [(H/p)*(W/p), C*p*p]; token i*w+j, feature c*p*p + u*p + v.
+void Patchify(const float* latent, int64_t channels, int64_t height, int64_t width, int64_t patch, float* tokens);
+
+// tokens [(H/p)*(W/p), p*p*C] (feature (u*p+v)*C + c) -> latent [C, H, W].
+void Unpatchify(const float* tokens, int64_t channels, int64_t height, int64_t width, int64_t patch, float* latent);
+
+// tokens[i*w + j] += table[(top+i)*M + left+j] with top = (M-h)/2, left = (M-w)/2 (centre crop).
+void AddCroppedPositions(const float* table, int64_t table_size, int64_t grid_h, int64_t grid_w, int64_t dim,
+                         float* tokens);
+
+// One run of consecutive rows of a sample's attention sequence: q, k, v and out each point
+// at `rows` rows of stride `row_stride` floats. A sample's sequence is its segments, in order.
+struct AttentionSegment {
+  const float* q;
+  const float* k;
+  const float* v;
+  float* out;
+  int64_t rows;
+};
+
+// One sample's sequence: up to two segments (text then image, or image alone).
+struct AttentionSequence {
+  AttentionSegment segments[2];
+  int num_segments = 0;
+  int64_t length() const { return segments[0].rows + (num_segments > 1 ? segments[1].rows : 0); }
+};
+
+// Floats of scratch Attention needs for `threads` threads and sequences up to `max_length`.
+int64_t AttentionScratchFloats(int64_t max_length, int threads);
+
+// For every sequence and head (features [h*hd, (h+1)*hd)): out = softmax(Q K^T / sqrt(hd)) V,
+// no mask. `scratch` holds AttentionScratchFloats(max length, omp_get_max_threads()) floats.
+void Attention(absl::Span<const AttentionSequence> sequences, int64_t heads, int64_t head_dim,
+               int64_t row_stride, absl::Span<float> scratch);
+
+}  // namespace mmdit

@@ -1,0 +1,104 @@
+#include "core/linear.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace mmdit {
+namespace {
+
+using tag = dnnl::memory::format_tag;
+using dt = dnnl::memory::data_type;
+
+// The row count the weight layout is chosen for; oneDNN's blocked weight layouts depend on
+// K and N, and the same packed weights then serve every row count.
+constexpr int64_t kLayoutRows = 256;
+
+// A bound on cached primitives per Linear; ragged batches produce many row counts.
+constexpr size_t kMaxCachedPrimitives = 128;
+
+absl::Status DnnlError(const dnnl::error& e, const std::string& what) {
+  return absl::InternalError(absl::StrCat("oneDNN ", what, ": ", e.what()));
+}
+
+dnnl::matmul::primitive_desc MakeDesc(const dnnl::engine& engine, int64_t rows, int64_t in, int64_t out,
+                                      const dnnl::memory::desc& weights_md, Epilogue epilogue) {
+  const dnnl::memory::desc src_md({rows, in}, dt::f32, tag::ab);
+  const dnnl::memory::desc bias_md({1, out}, dt::f32, tag::ab);
+  const dnnl::memory::desc dst_md({rows, out}, dt::f32, tag::ab);
+  dnnl::primitive_attr attr;
+  if (epilogue == Epilogue::kGeluTanh) {
+    dnnl::post_ops ops;
+    ops.append_eltwise(1.0f, dnnl::algorithm::eltwise_gelu_tanh, 0.0f, 0.0f);
+    attr.set_post_ops(ops);
+  }
+  return dnnl::matmul::primitive_desc(dnnl::matmul::desc(src_md, weights_md, bias_md, dst_md), attr, engine);
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<DnnlContext>> DnnlContext::Create() {
+  try {
+    auto context = std::make_unique<DnnlContext>();
+    context->engine = dnnl::engine(dnnl::engine::kind::cpu, 0);
+    context->stream = dnnl::stream(context->engine);
+    return context;
+  } catch (const dnnl::error& e) {
+    return DnnlError(e, "engine creation");
+  }
+}
+
+absl::StatusOr<Linear> Linear::Create(DnnlContext& context, LinearWeights weights, Epilogue epilogue) {
+  Linear linear;
+  linear.context_ = &context;
+  linear.out_features_ = weights.weight.shape[0];
+  linear.in_features_ = weights.weight.shape[1];
+  linear.epilogue_ = epilogue;
+  const int64_t in = linear.in_features_, out = linear.out_features_;
+  try {
+    // The checkpoint's [out, in] row-major matrix is W^T [in, out] in `ba` order.
+    const dnnl::memory::desc stored_md({in, out}, dt::f32, tag::ba);
+    const dnnl::memory::desc any_md({in, out}, dt::f32, tag::any);
+    const auto desc = MakeDesc(context.engine, kLayoutRows, in, out, any_md, epilogue);
+    dnnl::memory stored(stored_md, context.engine, weights.weight.data.data());
+    linear.packed_weights_ = dnnl::memory(desc.weights_desc(), context.engine);
+    dnnl::reorder(stored, linear.packed_weights_).execute(context.stream, stored, linear.packed_weights_);
+    linear.bias_ = dnnl::memory({{1, out}, dt::f32, tag::ab}, context.engine);
+    std::copy(weights.bias.data.begin(), weights.bias.data.end(), static_cast<float*>(linear.bias_.get_data_handle()));
+    context.stream.wait();
+  } catch (const dnnl::error& e) {
+    return DnnlError(e, absl::StrCat("preparing a [", out, ", ", in, "] linear"));
+  }
+  return linear;
+}
+
+absl::StatusOr<dnnl::matmul*> Linear::PrimitiveForRows(int64_t rows) {
+  if (auto it = primitive_by_rows_.find(rows); it != primitive_by_rows_.end()) return &it->second;
+  if (primitive_by_rows_.size() >= kMaxCachedPrimitives) primitive_by_rows_.clear();
+  try {
+    const auto desc =
+        MakeDesc(context_->engine, rows, in_features_, out_features_, packed_weights_.get_desc(), epilogue_);
+    return &primitive_by_rows_.emplace(rows, dnnl::matmul(desc)).first->second;
+  } catch (const dnnl::error& e) {
+    return DnnlError(e, absl::StrCat("matmul for ", rows, " x ", in_features_, " x ", out_features_));
+  }
+}
+
+absl::Status Linear::Forward(const float* x, int64_t rows, float* y) {
+  if (rows == 0) return absl::OkStatus();
+  auto primitive = PrimitiveForRows(rows);
+  if (!primitive.ok()) return primitive.status();
+  try {
+    const dnnl::engine& engine = context_->engine;
+    dnnl::memory src({{rows, in_features_}, dt::f32, tag::ab}, engine, const_cast<float*>(x));
+    dnnl::memory dst({{rows, out_features_}, dt::f32, tag::ab}, engine, y);
+    (*primitive)->execute(context_->stream, {{DNNL_ARG_SRC, src},
+                                             {DNNL_ARG_WEIGHTS, packed_weights_},
+                                             {DNNL_ARG_BIAS, bias_},
+                                             {DNNL_ARG_DST, dst}});
+    context_->stream.wait();
+  } catch (const dnnl::error& e) {
+    return DnnlError(e, "matmul execution");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace mmdit

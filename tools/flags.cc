@@ -1,0 +1,75 @@
+#include "tools/flags.h"
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+
+namespace mmdit {
+
+absl::StatusOr<Flags> Flags::Parse(const std::vector<std::string>& args, const std::set<std::string>& known) {
+  Flags flags;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& arg = args[i];
+    if (arg.rfind("--", 0) != 0) return absl::InvalidArgumentError(absl::StrCat("unexpected argument '", arg, "'"));
+    std::string name = arg.substr(2), value;
+    if (const size_t eq = name.find('='); eq != std::string::npos) {
+      value = name.substr(eq + 1);
+      name = name.substr(0, eq);
+    } else if (i + 1 < args.size()) {
+      value = args[++i];
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat("flag --", name, " needs a value"));
+    }
+    if (!known.contains(name)) return absl::InvalidArgumentError(absl::StrCat("unknown flag --", name));
+    flags.values_[name] = value;
+  }
+  return flags;
+}
+
+std::string Flags::String(const std::string& name, const std::string& fallback) const {
+  const auto it = values_.find(name);
+  return it == values_.end() ? fallback : it->second;
+}
+
+absl::StatusOr<std::string> Flags::RequiredString(const std::string& name) const {
+  if (!Has(name)) return absl::InvalidArgumentError(absl::StrCat("missing required flag --", name));
+  return values_.at(name);
+}
+
+absl::StatusOr<int64_t> Flags::Int(const std::string& name, int64_t fallback) const {
+  if (!Has(name)) return fallback;
+  int64_t value;
+  if (!absl::SimpleAtoi(values_.at(name), &value)) {
+    return absl::InvalidArgumentError(absl::StrCat("--", name, " must be an integer, got '", values_.at(name), "'"));
+  }
+  return value;
+}
+
+absl::StatusOr<int64_t> Flags::RequiredInt(const std::string& name) const {
+  if (!Has(name)) return absl::InvalidArgumentError(absl::StrCat("missing required flag --", name));
+  return Int(name, 0);
+}
+
+absl::StatusOr<double> Flags::Double(const std::string& name, double fallback) const {
+  if (!Has(name)) return fallback;
+  double value;
+  if (!absl::SimpleAtod(values_.at(name), &value)) {
+    return absl::InvalidArgumentError(absl::StrCat("--", name, " must be a number, got '", values_.at(name), "'"));
+  }
+  return value;
+}
+
+absl::StatusOr<std::vector<int64_t>> Flags::IntList(const std::string& name) const {
+  std::vector<int64_t> out;
+  for (absl::string_view part : absl::StrSplit(String(name), ',')) {
+    int64_t value;
+    if (!absl::SimpleAtoi(part, &value)) {
+      return absl::InvalidArgumentError(absl::StrCat("--", name, " must be comma-separated integers, got '",
+                                                     String(name), "'"));
+    }
+    out.push_back(value);
+  }
+  return out;
+}
+
+}  // namespace mmdit

@@ -1,0 +1,36 @@
+// Command-line flags of the form `--name value` or `--name=value`, for the project's tools.
+// Each command names the flags it accepts; anything else is an error naming the flag.
+#pragma once
+
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace mmdit {
+
+class Flags {
+ public:
+  // Parses `args` (without the program and command names). Errors: InvalidArgument for an
+  // unknown flag, a flag without a value, or a stray positional argument.
+  static absl::StatusOr<Flags> Parse(const std::vector<std::string>& args, const std::set<std::string>& known);
+
+  bool Has(const std::string& name) const { return values_.contains(name); }
+  // The value, or `fallback` when the flag is absent.
+  std::string String(const std::string& name, const std::string& fallback = "") const;
+  // Errors: InvalidArgument naming the flag when absent (Required*) or not a number.
+  absl::StatusOr<std::string> RequiredString(const std::string& name) const;
+  absl::StatusOr<int64_t> Int(const std::string& name, int64_t fallback) const;
+  absl::StatusOr<int64_t> RequiredInt(const std::string& name) const;
+  absl::StatusOr<double> Double(const std::string& name, double fallback) const;
+  // "16,128,128" -> {16, 128, 128}.
+  absl::StatusOr<std::vector<int64_t>> IntList(const std::string& name) const;
+
+ private:
+  std::map<std::string, std::string> values_;
+};
+
+}  // namespace mmdit
