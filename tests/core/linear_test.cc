@@ -1,0 +1,52 @@
+// The oneDNN Linear against a naive matmul, for several row counts on one prepared weight.
+#include "core/linear.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "tests/core/test_util.h"
+
+namespace mmdit {
+namespace {
+
+using ::mmdit::testing::MaxAbsDiff;
+using ::mmdit::testing::RandomTensor;
+
+Tensor NaiveLinear(const Tensor& x, const LinearWeights& w, bool gelu) {
+  const int64_t rows = x.shape[0], in = x.shape[1], out = w.weight.shape[0];
+  Tensor y({rows, out});
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t o = 0; o < out; ++o) {
+      double acc = w.bias.data[o];
+      for (int64_t i = 0; i < in; ++i) acc += double(x.data[r * in + i]) * w.weight.data[o * in + i];
+      if (gelu) acc = 0.5 * acc * (1 + std::tanh(std::sqrt(2 / M_PI) * (acc + 0.044715 * acc * acc * acc)));
+      y.data[r * out + o] = acc;
+    }
+  }
+  return y;
+}
+
+class LinearTest : public ::testing::TestWithParam<Epilogue> {};
+
+TEST_P(LinearTest, MatchesNaiveMatmulForEveryRowCount) {
+  auto context = DnnlContext::Create();
+  ASSERT_TRUE(context.ok()) << context.status();
+  const int64_t in = 48, out = 80;
+  const LinearWeights weights{RandomTensor({out, in}, 1, 0.2f), RandomTensor({out}, 2)};
+  auto linear = Linear::Create(**context, weights, GetParam());
+  ASSERT_TRUE(linear.ok()) << linear.status();
+  EXPECT_EQ(linear->in_features(), in);
+  EXPECT_EQ(linear->out_features(), out);
+  for (int64_t rows : {1, 7, 256, 333, 7}) {  // 7 twice: the cached primitive
+    const Tensor x = RandomTensor({rows, in}, 3 + rows);
+    Tensor y({rows, out});
+    ASSERT_TRUE(linear->Forward(x.data.data(), rows, y.data.data()).ok());
+    EXPECT_LE(MaxAbsDiff(y, NaiveLinear(x, weights, GetParam() == Epilogue::kGeluTanh)), 1e-4) << rows << " rows";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Epilogues, LinearTest, ::testing::Values(Epilogue::kNone, Epilogue::kGeluTanh));
+
+}  // namespace
+}  // namespace mmdit

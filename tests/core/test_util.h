@@ -1,0 +1,34 @@
+// Shared helpers for the core tests: golden cases, random tensors, comparisons.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "core/engine.h"
+#include "core/tensor.h"
+
+namespace mmdit::testing {
+
+// tests/data/golden/<name>.
+std::string GoldenDir(const std::string& name);
+
+// The golden case's inputs (float32) and expected_f64 output.
+struct GoldenCase {
+  std::string name;
+  Tensor img_latent, txt_embed, timestep, pooled_text, expected;
+  std::vector<SampleInput> Samples() const;  // views into this case
+};
+GoldenCase LoadGoldenCase(const std::string& name);
+
+// A fresh temporary directory, removed by the caller's test fixture or left in /tmp.
+std::string MakeTempDir(const std::string& prefix);
+
+Tensor RandomTensor(Shape shape, uint32_t seed, float scale = 1.0f);
+
+// max |a - b| over all elements; infinity when shapes differ.
+double MaxAbsDiff(const TensorView& a, const TensorView& b);
+
+// Sample b of a [B, ...] tensor, as its own tensor.
+Tensor SampleOf(const Tensor& batched, int64_t b);
+
+}  // namespace mmdit::testing

@@ -1,0 +1,117 @@
+// The `mmdit` command line as a user (or a later check) calls it.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "core/npy.h"
+#include "nlohmann/json.hpp"
+#include "tests/core/test_util.h"
+
+namespace mmdit {
+namespace {
+
+using ::mmdit::testing::GoldenDir;
+using ::testing::HasSubstr;
+
+struct ToolRun {
+  int exit_code;
+  std::string output;  // stdout and stderr
+};
+
+ToolRun Mmdit(const std::string& args) {
+  const std::string command = std::string(MMDIT_TOOL_PATH) + " " + args + " 2>&1";
+  FILE* pipe = ::popen(command.c_str(), "r");
+  ToolRun run{-1, ""};
+  if (pipe == nullptr) return run;
+  std::array<char, 4096> buffer;
+  while (size_t n = std::fread(buffer.data(), 1, buffer.size(), pipe)) run.output.append(buffer.data(), n);
+  const int status = ::pclose(pipe);
+  run.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return run;
+}
+
+std::string ForwardArgs(const std::string& model, const std::string& inputs, const std::string& out) {
+  return "forward --model " + model + " --img_latent " + inputs + "/img_latent.npy --txt_embed " + inputs +
+         "/txt_embed.npy --timestep " + inputs + "/timestep.npy --pooled_text " + inputs + "/pooled_text.npy --out " +
+         out;
+}
+
+TEST(MmditTool, ForwardWritesTheGoldenResult) {
+  const std::string dir = testing::MakeTempDir("tool");
+  for (const char* name : {"seed_tiny", "sd3_tiny", "sd35_tiny"}) {
+    const ToolRun run = Mmdit(ForwardArgs(GoldenDir(name), GoldenDir(name), dir + "/out.npy"));
+    ASSERT_EQ(run.exit_code, 0) << run.output;
+    auto out = ReadNpy(dir + "/out.npy");
+    auto expected = ReadNpy(GoldenDir(name) + "/expected_f64.npy");
+    ASSERT_TRUE(out.ok() && expected.ok());
+    EXPECT_LE(testing::MaxAbsDiff(*out, *expected), 1e-4) << name;
+  }
+}
+
+TEST(MmditTool, ForwardFailsWithOneLineNamingTheProblem) {
+  const std::string dir = testing::MakeTempDir("tool");
+  // sd3_tiny's inputs on seed_tiny's model: the latent has the wrong form.
+  ToolRun run = Mmdit(ForwardArgs(GoldenDir("seed_tiny"), GoldenDir("sd3_tiny"), dir + "/out.npy"));
+  EXPECT_EQ(run.exit_code, 1);
+  EXPECT_THAT(run.output, HasSubstr("img_latent: expected"));
+  EXPECT_EQ(std::count(run.output.begin(), run.output.end(), '\n'), 1) << run.output;
+  EXPECT_FALSE(std::filesystem::exists(dir + "/out.npy"));
+
+  run = Mmdit("forward --model " + GoldenDir("sd3_tiny") + " --img_latent /nonexistent.npy");
+  EXPECT_NE(run.exit_code, 0);
+  run = Mmdit("forward --modle x");
+  EXPECT_EQ(run.exit_code, 2);
+  EXPECT_THAT(run.output, HasSubstr("unknown flag --modle"));
+}
+
+TEST(MmditTool, InitInspectAndBenchASmallPreset) {
+  const std::string dir = testing::MakeTempDir("tool") + "/model";
+  ToolRun run = Mmdit("init --out " + dir +
+                  " --preset sd35-medium --seed 7 --depth 2 --hidden_size 64 --num_heads 2 --txt_dim 32 "
+                  "--cond_dim 16 --pos_embed_max_size 16 --weights_dtype bf16");
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  run = Mmdit("inspect --model " + dir + " --img_tokens 64");
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  const auto info = nlohmann::json::parse(run.output);
+  EXPECT_EQ(info["hidden_size"], 64);
+  EXPECT_EQ(info["depth"], 2);
+  EXPECT_EQ(info["num_heads"], 2);
+  EXPECT_EQ(info["img_dim"], 64);  // 16 channels x 2 x 2
+  EXPECT_EQ(info["txt_dim"], 32);
+  EXPECT_EQ(info["cond_dim"], 16);
+  EXPECT_EQ(info["qk_norm"], "rms_norm");
+  EXPECT_EQ(info["dual_attention_layers"], nlohmann::json::array({0, 1}));
+  EXPECT_EQ(info["output_size"], 64 * 64);
+  EXPECT_GT(info["parameter_count"].get<int64_t>(), 0);
+
+  run = Mmdit("bench --model " + dir + " --batch 2 --latent 16,8,12 --txt_tokens 5 --iters 2 --warmup 1 --threads 1");
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  const auto bench = nlohmann::json::parse(run.output);
+  for (const char* key : {"median_ms", "p10_ms", "p90_ms", "gflop_per_forward", "gflops"}) {
+    EXPECT_TRUE(bench.contains(key)) << key;
+  }
+  EXPECT_GT(bench["gflop_per_forward"].get<double>(), 0);
+
+  // The same seed writes the same weights.
+  const std::string again = dir + "_again";
+  Mmdit("init --out " + again + " --preset sd35-medium --seed 7 --depth 2 --hidden_size 64 --num_heads 2 "
+        "--txt_dim 32 --cond_dim 16 --pos_embed_max_size 16 --weights_dtype bf16");
+  std::ifstream a(dir + "/model.safetensors", std::ios::binary), b(again + "/model.safetensors", std::ios::binary);
+  EXPECT_TRUE(std::equal(std::istreambuf_iterator<char>(a), {}, std::istreambuf_iterator<char>(b)));
+}
+
+TEST(MmditTool, InitRejectsUnknownPresetsAndBadSizes) {
+  ToolRun run = Mmdit("init --out /tmp/x --preset sd9 --seed 1");
+  EXPECT_EQ(run.exit_code, 1);
+  EXPECT_THAT(run.output, HasSubstr("unknown preset 'sd9'"));
+  run = Mmdit("init --out /tmp/x --preset seed-default --seed 1 --hidden_size 100 --num_heads 12");
+  EXPECT_EQ(run.exit_code, 1);
+  EXPECT_THAT(run.output, HasSubstr("--hidden_size 100 must divide into --num_heads 12"));
+}
+
+}  // namespace
+}  // namespace mmdit
