@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Forward-pass benchmarks of the engine on random-weight models (not part of CI).
+#   bench/engine_bench.sh [iters]
+# Prints one JSON line per configuration (see `mmdit bench`). Models are written once into
+# $MMDIT_BENCH_MODELS (default /tmp/mmdit-bench-models): seed-default is 1 GB in fp32.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+iters="${1:-10}"
+models="${MMDIT_BENCH_MODELS:-/tmp/mmdit-bench-models}"
+mmdit=./build/bin/mmdit
+[ -x "$mmdit" ] || ./scripts/build.sh
+
+init() {  # init NAME ARGS...
+  local name=$1; shift
+  [ -f "$models/$name/model.safetensors" ] || "$mmdit" init --out "$models/$name" --seed 0 "$@"
+}
+init seed-default --preset seed-default
+init sd3-medium-4l --preset sd3-medium --depth 4
+
+run() {  # run LABEL MODEL ARGS...
+  local label=$1 model=$2; shift 2
+  printf '%-34s ' "$label"
+  "$mmdit" bench --model "$models/$model" --iters "$iters" --warmup 2 "$@"
+}
+for threads in 1 2; do
+  run "seed-default b1 T32 threads=$threads" seed-default --batch 1 --img_tokens 64 --txt_tokens 32 --threads "$threads"
+  run "seed-default b8 T32 threads=$threads" seed-default --batch 8 --img_tokens 64 --txt_tokens 32 --threads "$threads"
+done
+run "sd3-medium 4 layers 32x32 b1 T77" sd3-medium-4l --batch 1 --latent 16,32,32 --txt_tokens 77 --threads 2
+run "sd3-medium 4 layers 32x32 b4 T77" sd3-medium-4l --batch 4 --latent 16,32,32 --txt_tokens 77 --threads 2
