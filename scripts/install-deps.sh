@@ -10,6 +10,8 @@ packages=(
   libabsl-dev            # absl::Status / StatusOr, flags, strings
   nlohmann-json3-dev     # config.json, safetensors headers
   libspdlog-dev          # logging
+  libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc  # the service
+  openssl                # tests generate TLS certificates
   libgtest-dev libgmock-dev  # tests
   libbenchmark-dev       # bench/
 )

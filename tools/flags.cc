@@ -3,6 +3,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "core/status_macros.h"
 
 namespace mmdit {
 
@@ -23,6 +24,28 @@ absl::StatusOr<Flags> Flags::Parse(const std::vector<std::string>& args, const s
     if (!known.contains(name)) return absl::InvalidArgumentError(absl::StrCat("unknown flag --", name));
     flags.values_[name] = value;
   }
+  return flags;
+}
+
+absl::StatusOr<Flags> Flags::Parse(const std::vector<std::string>& args, const std::set<std::string>& known,
+                                   const std::string& env_prefix, const char* const* environment) {
+  std::map<std::string, std::string> by_env_name;
+  for (const std::string& name : known) {
+    std::string env_name = env_prefix + name;
+    for (char& c : env_name) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+    by_env_name[env_name] = name;
+  }
+  Flags from_environment;
+  for (const char* const* entry = environment; entry != nullptr && *entry != nullptr; ++entry) {
+    const std::string text = *entry;
+    const size_t eq = text.find('=');
+    if (eq == std::string::npos) continue;
+    if (const auto it = by_env_name.find(text.substr(0, eq)); it != by_env_name.end()) {
+      from_environment.values_[it->second] = text.substr(eq + 1);
+    }
+  }
+  ASSIGN_OR_RETURN(Flags flags, Parse(args, known));
+  flags.values_.merge(from_environment.values_);  // keeps the command line's value on a clash
   return flags;
 }
 

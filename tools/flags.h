@@ -18,6 +18,12 @@ class Flags {
   // unknown flag, a flag without a value, or a stray positional argument.
   static absl::StatusOr<Flags> Parse(const std::vector<std::string>& args, const std::set<std::string>& known);
 
+  // The same, with each flag also read from the environment as `env_prefix` + its name in
+  // upper case (--max_queue_size: MMDIT_MAX_QUEUE_SIZE); the command line wins. `environment`
+  // is main's `environ`: nothing below main reads the environment itself.
+  static absl::StatusOr<Flags> Parse(const std::vector<std::string>& args, const std::set<std::string>& known,
+                                     const std::string& env_prefix, const char* const* environment);
+
   bool Has(const std::string& name) const { return values_.contains(name); }
   // The value, or `fallback` when the flag is absent.
   std::string String(const std::string& name, const std::string& fallback = "") const;

@@ -83,7 +83,7 @@ json DescribeModel(const ModelConfig& c, int64_t img_tokens) {
       {"dual_attention_layers", c.dual_attention_layers},
       {"context_pre_only_last", c.context_pre_only_last},
       {"parameter_count", parameters},
-      {"weight_bytes_f32", parameters * 4},
+      {"weight_bytes", parameters * 4},  // as the engine holds them: float32
       {"img_tokens", img_tokens},
       {"output_size", img_tokens * c.output_features()},
   };

@@ -1,0 +1,171 @@
+// mmdit-server: serves an MMDiT model over gRPC. Every flag can also be set from the
+// environment as MMDIT_<FLAG> (containers); the command line wins. `mmdit-server --help`.
+#include <omp.h>
+#include <signal.h>
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <iostream>
+
+#include "absl/strings/str_cat.h"
+#include "core/engine.h"
+#include "core/random_model.h"
+#include "core/status_macros.h"
+#include "server/denoiser_server.h"
+#include "tools/flags.h"
+
+extern char** environ;
+
+namespace mmdit {
+namespace {
+
+constexpr char kDefaultModelDir[] = "models/seed-default";
+
+constexpr char kUsage[] = R"(usage: mmdit-server [--flag value ...]   (or MMDIT_<FLAG>=value in the environment)
+  --model DIR                 model directory (default models/seed-default: created with RANDOM weights if absent)
+  --host 0.0.0.0 --port 50051 (0: any free port, logged)   --metrics_port 9090 (0: any, -1: off)
+  --threads N                 engine threads (default: all cores)
+  --max_batch_samples 8 --max_batch_tokens 0 (0: no limit) --max_queue_delay_us 2000 --max_queue_size 256
+  --max_samples_per_request 8 --max_text_tokens 512 --max_latent_height 0 --max_latent_width 0 (0: the position
+                              table's size) --max_image_tokens 16384
+  --warmup SHAPES             e.g. 1x16x64x64/77,8x64/32 (BxCxHxW/T or BxN/T); default one sample of the
+                              model's nominal size
+  --max_receive_message_mb 64 --keepalive_time_s 30 --max_connection_age_s 300 --drain_timeout_s 30
+  --tls_cert FILE --tls_key FILE [--tls_client_ca FILE]   TLS, and mutual TLS with a client CA
+  --log_level info            trace, debug, info, warn, error
+)";
+
+const std::set<std::string> kFlags = {
+    "model", "host", "port", "metrics_port", "threads", "max_batch_samples", "max_batch_tokens",
+    "max_queue_delay_us", "max_queue_size", "max_samples_per_request", "max_text_tokens", "max_latent_height",
+    "max_latent_width", "max_image_tokens", "warmup", "max_receive_message_mb", "keepalive_time_s",
+    "max_connection_age_s", "drain_timeout_s", "tls_cert", "tls_key", "tls_client_ca", "log_level"};
+
+absl::Status ReadOptions(const Flags& flags, ServerOptions& o) {
+  o.host = flags.String("host", o.host);
+  ASSIGN_OR_RETURN(int64_t port, flags.Int("port", o.port));
+  ASSIGN_OR_RETURN(int64_t metrics_port, flags.Int("metrics_port", o.metrics_port));
+  if (port < 0 || port > 65535 || metrics_port > 65535) return absl::InvalidArgumentError("ports are 0..65535");
+  o.port = static_cast<int>(port);
+  o.metrics_port = static_cast<int>(metrics_port);
+  ASSIGN_OR_RETURN(o.batcher.max_batch_samples, flags.Int("max_batch_samples", o.batcher.max_batch_samples));
+  ASSIGN_OR_RETURN(o.batcher.max_batch_tokens, flags.Int("max_batch_tokens", o.batcher.max_batch_tokens));
+  ASSIGN_OR_RETURN(o.batcher.max_queue_delay_us, flags.Int("max_queue_delay_us", o.batcher.max_queue_delay_us));
+  ASSIGN_OR_RETURN(o.batcher.max_queue_size, flags.Int("max_queue_size", o.batcher.max_queue_size));
+  ASSIGN_OR_RETURN(o.limits.max_samples_per_request,
+                   flags.Int("max_samples_per_request", o.batcher.max_batch_samples));
+  ASSIGN_OR_RETURN(o.limits.max_text_tokens, flags.Int("max_text_tokens", o.limits.max_text_tokens));
+  ASSIGN_OR_RETURN(o.limits.max_latent_height, flags.Int("max_latent_height", o.limits.max_latent_height));
+  ASSIGN_OR_RETURN(o.limits.max_latent_width, flags.Int("max_latent_width", o.limits.max_latent_width));
+  ASSIGN_OR_RETURN(o.limits.max_image_tokens, flags.Int("max_image_tokens", o.limits.max_image_tokens));
+  ASSIGN_OR_RETURN(o.max_receive_message_mb, flags.Int("max_receive_message_mb", o.max_receive_message_mb));
+  ASSIGN_OR_RETURN(o.keepalive_time_s, flags.Int("keepalive_time_s", o.keepalive_time_s));
+  ASSIGN_OR_RETURN(o.max_connection_age_s, flags.Int("max_connection_age_s", o.max_connection_age_s));
+  ASSIGN_OR_RETURN(o.drain_timeout_s, flags.Int("drain_timeout_s", o.drain_timeout_s));
+  const std::pair<const char*, int64_t> positive[] = {
+      {"max_batch_samples", o.batcher.max_batch_samples}, {"max_queue_size", o.batcher.max_queue_size},
+      {"max_samples_per_request", o.limits.max_samples_per_request}, {"max_text_tokens", o.limits.max_text_tokens},
+      {"max_image_tokens", o.limits.max_image_tokens}, {"max_receive_message_mb", o.max_receive_message_mb},
+      {"keepalive_time_s", o.keepalive_time_s}};
+  for (const auto& [name, value] : positive) {
+    if (value < 1) return absl::InvalidArgumentError(absl::StrCat("--", name, " must be >= 1, got ", value));
+  }
+  if (o.batcher.max_queue_delay_us < 0 || o.batcher.max_batch_tokens < 0 || o.drain_timeout_s < 0 ||
+      o.max_connection_age_s < 0) {
+    return absl::InvalidArgumentError(
+        "--max_queue_delay_us, --max_batch_tokens, --drain_timeout_s and --max_connection_age_s must be >= 0");
+  }
+  o.tls = {flags.String("tls_cert"), flags.String("tls_key"), flags.String("tls_client_ca")};
+  return absl::OkStatus();
+}
+
+// The warm-up shapes: --warmup, or one sample of the model's nominal size.
+absl::StatusOr<std::vector<WarmupShape>> WarmupShapes(const Flags& flags, const ModelConfig& c,
+                                                     const RequestLimits& limits) {
+  if (flags.Has("warmup")) return ParseWarmupShapes(flags.String("warmup"), c.patch_features());
+  const int64_t text_tokens = std::min<int64_t>(77, limits.max_text_tokens);
+  if (c.has_positions()) {
+    const int64_t side = std::min(std::max(c.sample_size, c.patch_size), *c.pos_embed_max_size * c.patch_size);
+    return std::vector<WarmupShape>{{1, {c.in_channels, side, side}, text_tokens}};
+  }
+  const int64_t grid = std::max<int64_t>(1, c.sample_size / c.patch_size);
+  return std::vector<WarmupShape>{{1, {grid * grid, c.patch_features()}, text_tokens}};
+}
+
+absl::Status Run(const Flags& flags) {
+  if (const std::string level = flags.String("log_level", "info"); !level.empty()) {
+    spdlog::set_level(spdlog::level::from_str(level));
+  }
+  ServerOptions options;
+  RETURN_IF_ERROR(ReadOptions(flags, options));
+  const bool default_model = !flags.Has("model");
+  options.model_dir = default_model ? kDefaultModelDir : flags.String("model");
+  ASSIGN_OR_RETURN(int64_t threads, flags.Int("threads", 0));
+  if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
+
+  // SIGTERM and SIGINT are taken by sigwait below; block them before any thread starts.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  ASSIGN_OR_RETURN(std::unique_ptr<DenoiserServer> server, DenoiserServer::Start(options));
+  spdlog::info("listening on {}:{} ({}), metrics on {}, health NOT_SERVING until the model is warm",
+               options.host, server->port(), options.tls.cert_file.empty() ? "plaintext" : "TLS",
+               server->metrics_port() >= 0 ? absl::StrCat(":", server->metrics_port(), "/metrics") : "off");
+
+  const std::string& model_dir = options.model_dir;
+  if (default_model) {
+    if (!std::filesystem::exists(std::filesystem::path(model_dir) / "config.json")) {
+      spdlog::warn("creating the built-in default model in {}: seed-default geometry, RANDOM weights", model_dir);
+      ASSIGN_OR_RETURN(ModelConfig config, PresetConfig("seed-default"));
+      RETURN_IF_ERROR(WriteRandomModel(model_dir, config, /*seed=*/0, DType::kF32));
+    }
+    spdlog::warn("serving the built-in default model (RANDOM weights); pass --model for a real one");
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Load(model_dir));
+  const ModelConfig& c = engine->config();
+  spdlog::info("model {}: hidden {}, depth {}, heads {}, patch {}, in/out channels {}/{}, position table {}, "
+               "qk_norm {}, {} dual-attention layers; {} engine threads",
+               model_dir, c.hidden(), c.num_layers, c.num_attention_heads, c.patch_size, c.in_channels,
+               c.out_channels, c.pos_embed_max_size.value_or(0), c.qk_norm, c.dual_attention_layers.size(),
+               omp_get_max_threads());
+  ASSIGN_OR_RETURN(std::vector<WarmupShape> warmup, WarmupShapes(flags, c, options.limits));
+  RETURN_IF_ERROR(server->Serve(std::move(engine), warmup));
+  spdlog::info("SERVING: batches of up to {} samples{}, max queue delay {} us, queue {} requests",
+               options.batcher.max_batch_samples,
+               options.batcher.max_batch_tokens > 0 ? absl::StrCat(" / ", options.batcher.max_batch_tokens, " tokens")
+                                                    : "",
+               options.batcher.max_queue_delay_us, options.batcher.max_queue_size);
+
+  int signal_number = 0;
+  sigwait(&stop_signals, &signal_number);
+  spdlog::info("signal {}: draining (up to {} s)", signal_number, options.drain_timeout_s);
+  server->Shutdown();
+  spdlog::info("drained; exiting");
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace mmdit
+
+int main(int argc, char** argv) {
+  const std::vector<std::string> args(argv + 1, argv + argc);
+  if (!args.empty() && (args[0] == "--help" || args[0] == "-h")) {
+    std::cout << mmdit::kUsage;
+    return 0;
+  }
+  auto flags = mmdit::Flags::Parse(args, mmdit::kFlags, "MMDIT_", environ);
+  if (!flags.ok()) {
+    std::cerr << "mmdit-server: " << flags.status().message() << "\n" << mmdit::kUsage;
+    return 2;
+  }
+  const absl::Status status = mmdit::Run(*flags);
+  if (!status.ok()) {
+    spdlog::error("{}", status.ToString());
+    return 1;
+  }
+  return 0;
+}

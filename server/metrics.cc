@@ -1,0 +1,195 @@
+#include "server/metrics.h"
+
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+
+namespace mmdit {
+namespace {
+
+constexpr const char* kCodeNames[17] = {
+    "OK",           "CANCELLED",         "UNKNOWN",  "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
+    "OUT_OF_RANGE", "UNIMPLEMENTED",     "INTERNAL", "UNAVAILABLE",      "DATA_LOSS",         "UNAUTHENTICATED"};
+
+std::vector<double> Exponential(double first, double factor, int count) {
+  std::vector<double> bounds;
+  for (double b = first; count-- > 0; b *= factor) bounds.push_back(b);
+  return bounds;
+}
+
+void Header(std::string& out, const std::string& name, const char* type, const char* help) {
+  absl::StrAppend(&out, "# HELP ", name, " ", help, "\n# TYPE ", name, " ", type, "\n");
+}
+
+}  // namespace
+
+Histogram::Histogram(std::vector<double> upper_bounds)
+    : upper_bounds_(std::move(upper_bounds)), counts_(upper_bounds_.size() + 1, 0) {}
+
+void Histogram::Observe(double value) {
+  const size_t bucket = std::lower_bound(upper_bounds_.begin(), upper_bounds_.end(), value) - upper_bounds_.begin();
+  std::lock_guard<std::mutex> lock(mutex_);
+  ++counts_[bucket];
+  sum_ += value;
+}
+
+void Histogram::Render(const std::string& name, std::string& out) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  uint64_t cumulative = 0;
+  for (size_t i = 0; i < upper_bounds_.size(); ++i) {
+    cumulative += counts_[i];
+    absl::StrAppend(&out, name, "_bucket{le=\"", upper_bounds_[i], "\"} ", cumulative, "\n");
+  }
+  cumulative += counts_.back();
+  absl::StrAppend(&out, name, "_bucket{le=\"+Inf\"} ", cumulative, "\n", name, "_sum ", sum_, "\n", name, "_count ",
+                  cumulative, "\n");
+}
+
+ServerMetrics::ServerMetrics(std::function<int64_t()> queue_depth)
+    : queue_depth_(std::move(queue_depth)),
+      queue_seconds_(Exponential(100e-6, 2, 16)),    // 100 us .. 3.3 s
+      compute_seconds_(Exponential(1e-3, 2, 14)),    // 1 ms .. 8 s
+      batch_samples_(Exponential(1, 2, 10)),         // 1 .. 512
+      batch_tokens_(Exponential(16, 2, 14)) {}       // 16 .. 131072
+
+void ServerMetrics::CountRequest(int code) {
+  if (code >= 0 && code < 17) requests_by_code_[code].fetch_add(1);
+}
+
+void ServerMetrics::ObserveBatch(int64_t samples, int64_t tokens, double seconds, double now_s) {
+  samples_total_.fetch_add(samples);
+  compute_seconds_.Observe(seconds);
+  batch_samples_.Observe(samples);
+  batch_tokens_.Observe(tokens);
+  std::lock_guard<std::mutex> lock(window_mutex_);
+  recent_batches_.emplace_back(now_s, samples);
+  while (!recent_batches_.empty() && recent_batches_.front().first < now_s - kRateWindowSeconds) {
+    recent_batches_.pop_front();
+  }
+}
+
+std::string ServerMetrics::Render(double now_s) const {
+  std::string out;
+  Header(out, "mmdit_requests_total", "counter", "Denoise calls answered, by gRPC status code.");
+  for (int code = 0; code < 17; ++code) {
+    absl::StrAppend(&out, "mmdit_requests_total{code=\"", kCodeNames[code], "\"} ", requests_by_code_[code].load(), "\n");
+  }
+  Header(out, "mmdit_queue_seconds", "histogram", "Time from arrival to the start of the request's forward pass.");
+  queue_seconds_.Render("mmdit_queue_seconds", out);
+  Header(out, "mmdit_compute_seconds", "histogram", "Duration of each batched forward pass.");
+  compute_seconds_.Render("mmdit_compute_seconds", out);
+  Header(out, "mmdit_batch_samples", "histogram", "Samples per forward pass.");
+  batch_samples_.Render("mmdit_batch_samples", out);
+  Header(out, "mmdit_batch_tokens", "histogram", "Image plus text tokens per forward pass.");
+  batch_tokens_.Render("mmdit_batch_tokens", out);
+  Header(out, "mmdit_queue_depth", "gauge", "Requests waiting for a forward pass.");
+  absl::StrAppend(&out, "mmdit_queue_depth ", queue_depth_(), "\n");
+  Header(out, "mmdit_samples_total", "counter", "Samples computed.");
+  absl::StrAppend(&out, "mmdit_samples_total ", samples_total_.load(), "\n");
+  int64_t recent = 0;
+  {
+    std::lock_guard<std::mutex> lock(window_mutex_);
+    for (const auto& [time_s, samples] : recent_batches_) {
+      if (time_s >= now_s - kRateWindowSeconds) recent += samples;
+    }
+  }
+  Header(out, "mmdit_samples_per_second", "gauge", "Samples computed per second over the last 10 seconds.");
+  absl::StrAppend(&out, "mmdit_samples_per_second ", recent / kRateWindowSeconds, "\n");
+  return out;
+}
+
+absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(const std::string& host, int port,
+                                                                             std::function<std::string()> render) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE;
+  addrinfo* addresses = nullptr;
+  const std::string port_text = std::to_string(port);
+  if (::getaddrinfo(host.empty() ? nullptr : host.c_str(), port_text.c_str(), &hints, &addresses) != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("metrics: cannot resolve host '", host, "'"));
+  }
+  int fd = -1;
+  for (addrinfo* a = addresses; a != nullptr && fd < 0; a = a->ai_next) {
+    fd = ::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0) continue;
+    const int yes = 1;
+    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+    if (::bind(fd, a->ai_addr, a->ai_addrlen) != 0 || ::listen(fd, 16) != 0) {
+      ::close(fd);
+      fd = -1;
+    }
+  }
+  ::freeaddrinfo(addresses);
+  if (fd < 0) return absl::InternalError(absl::StrCat("metrics: cannot listen on ", host, ":", port, ": ", std::strerror(errno)));
+  sockaddr_storage bound{};
+  socklen_t bound_len = sizeof(bound);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &bound_len);
+  const int bound_port = ntohs(bound.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port
+                                                           : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
+  const int wake_fd = ::eventfd(0, EFD_CLOEXEC);
+  return std::unique_ptr<MetricsHttpServer>(new MetricsHttpServer(fd, wake_fd, bound_port, std::move(render)));
+}
+
+MetricsHttpServer::MetricsHttpServer(int listen_fd, int wake_fd, int port, std::function<std::string()> render)
+    : listen_fd_(listen_fd), wake_fd_(wake_fd), port_(port), render_(std::move(render)) {
+  thread_ = std::thread([this] { Serve(); });
+}
+
+MetricsHttpServer::~MetricsHttpServer() {
+  const uint64_t one = 1;
+  [[maybe_unused]] ssize_t written = ::write(wake_fd_, &one, sizeof(one));
+  thread_.join();
+  ::close(listen_fd_);
+  ::close(wake_fd_);
+}
+
+void MetricsHttpServer::Serve() {
+  while (true) {
+    pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {wake_fd_, POLLIN, 0}};
+    if (::poll(fds, 2, -1) < 0) continue;
+    if (fds[1].revents != 0) return;
+    if (fds[0].revents & POLLIN) {
+      const int client = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+      if (client >= 0) {
+        Answer(client);
+        ::close(client);
+      }
+    }
+  }
+}
+
+void MetricsHttpServer::Answer(int client_fd) {
+  // Read the request head (bounded in size and time: a slow client cannot stall scrapes long).
+  std::string request;
+  char buffer[1024];
+  while (request.find("\r\n\r\n") == std::string::npos && request.size() < 8192) {
+    pollfd fd = {client_fd, POLLIN, 0};
+    if (::poll(&fd, 1, 2000) <= 0) return;
+    const ssize_t n = ::read(client_fd, buffer, sizeof(buffer));
+    if (n <= 0) return;
+    request.append(buffer, n);
+  }
+  const bool metrics = request.rfind("GET /metrics ", 0) == 0 || request.rfind("GET /metrics?", 0) == 0;
+  const std::string body = metrics ? render_() : "not found: try /metrics\n";
+  const std::string response =
+      absl::StrCat("HTTP/1.0 ", metrics ? "200 OK" : "404 Not Found",
+                   "\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: ", body.size(),
+                   "\r\nConnection: close\r\n\r\n", body);
+  for (size_t sent = 0; sent < response.size();) {
+    const ssize_t n = ::send(client_fd, response.data() + sent, response.size() - sent, MSG_NOSIGNAL);
+    if (n <= 0) return;
+    sent += n;
+  }
+}
+
+}  // namespace mmdit

@@ -1,0 +1,80 @@
+// The server's Prometheus metrics and the plain HTTP endpoint that serves them.
+// (prometheus-cpp is not packaged in Debian 12, so the text exposition format is written here.)
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace mmdit {
+
+// Cumulative histogram with fixed upper bounds. Thread-safe.
+class Histogram {
+ public:
+  explicit Histogram(std::vector<double> upper_bounds);
+  void Observe(double value);
+  // Appends the `name`_bucket / _sum / _count lines.
+  void Render(const std::string& name, std::string& out) const;
+
+ private:
+  const std::vector<double> upper_bounds_;
+  mutable std::mutex mutex_;
+  std::vector<uint64_t> counts_;  // guarded by mutex_; one per bound, then +Inf
+  double sum_ = 0;                // guarded by mutex_
+};
+
+// Everything the server measures. Thread-safe.
+class ServerMetrics {
+ public:
+  // `queue_depth` is read at each scrape.
+  explicit ServerMetrics(std::function<int64_t()> queue_depth);
+
+  // One finished Denoise call, by its gRPC status code (0..16).
+  void CountRequest(int code);
+  void ObserveQueueTime(double seconds) { queue_seconds_.Observe(seconds); }
+  // One forward pass over `samples` samples and `tokens` tokens, taking `seconds`, at `now_s`.
+  void ObserveBatch(int64_t samples, int64_t tokens, double seconds, double now_s);
+
+  // The Prometheus text format (version 0.0.4); `now_s` for the samples-per-second window.
+  std::string Render(double now_s) const;
+
+  uint64_t requests_with_code(int code) const { return requests_by_code_[code].load(); }
+  uint64_t samples_computed() const { return samples_total_.load(); }
+
+ private:
+  static constexpr double kRateWindowSeconds = 10.0;
+  std::function<int64_t()> queue_depth_;
+  std::array<std::atomic<uint64_t>, 17> requests_by_code_{};
+  std::atomic<uint64_t> samples_total_{0};
+  Histogram queue_seconds_, compute_seconds_, batch_samples_, batch_tokens_;
+  mutable std::mutex window_mutex_;
+  std::deque<std::pair<double, int64_t>> recent_batches_;  // guarded: (time_s, samples)
+};
+
+// Serves GET /metrics over HTTP/1.0 on its own thread; stops on destruction.
+class MetricsHttpServer {
+ public:
+  // Listens on `host`:`port` (0 picks a free port). Errors: Internal if it cannot listen.
+  static absl::StatusOr<std::unique_ptr<MetricsHttpServer>> Start(const std::string& host, int port,
+                                                                  std::function<std::string()> render);
+  ~MetricsHttpServer();
+  int port() const { return port_; }
+
+ private:
+  MetricsHttpServer(int listen_fd, int wake_fd, int port, std::function<std::string()> render);
+  void Serve();
+  void Answer(int client_fd);
+
+  const int listen_fd_, wake_fd_, port_;
+  std::function<std::string()> render_;
+  std::thread thread_;
+};
+
+}  // namespace mmdit
