@@ -76,6 +76,7 @@ class DenoiserServer {
   void Shutdown();
 
   int port() const { return port_; }
+  int64_t queue_size() const { return batcher_.queue_size(); }
   int metrics_port() const { return metrics_http_ ? metrics_http_->port() : -1; }
   const ServerMetrics& metrics() const { return *metrics_; }
   std::string RenderMetrics() const;

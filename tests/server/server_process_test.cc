@@ -1,0 +1,109 @@
+// The mmdit-server binary as a container runs it: flags from the environment, SIGTERM drains.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <regex>
+
+#include "tests/server/server_test_util.h"
+
+namespace mmdit {
+namespace {
+
+using ::mmdit::testing::Eventually;
+using ::mmdit::testing::HttpGet;
+using ::mmdit::testing::RandomSd3TinyInputs;
+using ::mmdit::testing::StartDenoise;
+
+// A child mmdit-server whose log is read until it reports SERVING.
+class ServerProcess {
+ public:
+  ServerProcess(const std::vector<std::string>& args, const std::vector<std::string>& environment) {
+    int pipe_fds[2];
+    EXPECT_EQ(::pipe(pipe_fds), 0);
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      ::dup2(pipe_fds[1], STDOUT_FILENO);
+      ::dup2(pipe_fds[1], STDERR_FILENO);
+      ::close(pipe_fds[0]);
+      std::vector<char*> argv = {const_cast<char*>(MMDIT_SERVER_PATH)};
+      for (const std::string& arg : args) argv.push_back(const_cast<char*>(arg.c_str()));
+      argv.push_back(nullptr);
+      std::vector<char*> envp;
+      for (const std::string& e : environment) envp.push_back(const_cast<char*>(e.c_str()));
+      envp.push_back(nullptr);
+      ::execve(MMDIT_SERVER_PATH, argv.data(), envp.data());
+      ::_exit(127);
+    }
+    ::close(pipe_fds[1]);
+    log_ = ::fdopen(pipe_fds[0], "r");
+    std::regex listening(R"(listening on [^ ]*:(\d+) )"), metrics(R"(metrics on :(\d+)/metrics)");
+    char line[4096];
+    while (std::fgets(line, sizeof(line), log_) != nullptr) {
+      text_ += line;
+      std::cmatch match;
+      if (std::regex_search(line, match, listening)) port_ = std::stoi(match[1]);
+      if (std::regex_search(line, match, metrics)) metrics_port_ = std::stoi(match[1]);
+      if (std::strstr(line, "SERVING:") != nullptr) break;
+    }
+  }
+  ~ServerProcess() {
+    if (pid_ > 0 && ::waitpid(pid_, nullptr, WNOHANG) == 0) ::kill(pid_, SIGKILL);
+    if (log_ != nullptr) std::fclose(log_);
+  }
+  // Sends SIGTERM and returns the exit status; reads the rest of the log.
+  int Terminate() {
+    ::kill(pid_, SIGTERM);
+    char line[4096];
+    while (std::fgets(line, sizeof(line), log_) != nullptr) text_ += line;
+    int status = 0;
+    ::waitpid(pid_, &status, 0);
+    pid_ = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+  int port() const { return port_; }
+  int metrics_port() const { return metrics_port_; }
+  const std::string& log() const { return text_; }
+
+ private:
+  pid_t pid_ = -1;
+  FILE* log_ = nullptr;
+  int port_ = 0, metrics_port_ = 0;
+  std::string text_;
+};
+
+TEST(ServerProcess, SigtermAnswersEveryAcceptedRequestThenExitsCleanly) {
+  // Configured the container way: from the environment.
+  ServerProcess server({"--host", "127.0.0.1"},
+                       {"MMDIT_MODEL=" + testing::GoldenDir("sd3_tiny"), "MMDIT_PORT=0", "MMDIT_METRICS_PORT=0",
+                        "MMDIT_MAX_QUEUE_DELAY_US=5000000", "MMDIT_DRAIN_TIMEOUT_S=20", "MMDIT_WARMUP=2x4x16x16/9"});
+  ASSERT_GT(server.port(), 0) << server.log();
+  EXPECT_THAT(server.log(), ::testing::HasSubstr("warm-up: 2 x [4, 16, 16] with 9 text tokens"));
+  auto client = DenoiserClient::Connect({.target = "127.0.0.1:" + std::to_string(server.port())});
+  ASSERT_TRUE(client.ok());
+  EXPECT_TRUE(*(*client)->IsServing(std::chrono::seconds(10)));
+  std::vector<std::unique_ptr<testing::AsyncCall>> calls;
+  for (uint32_t i = 0; i < 3; ++i) calls.push_back(StartDenoise(**client, RandomSd3TinyInputs(1, 8, 8, 7, i)));
+  ASSERT_TRUE(Eventually([&] {
+    return HttpGet(server.metrics_port(), "/metrics").find("mmdit_queue_depth 3\n") != std::string::npos;
+  })) << HttpGet(server.metrics_port(), "/metrics");
+  EXPECT_EQ(server.Terminate(), 0) << server.log();
+  for (auto& call : calls) {
+    const grpc::Status status = call->status.get();
+    EXPECT_TRUE(status.ok()) << status.error_message();
+  }
+  EXPECT_THAT(server.log(), ::testing::HasSubstr("draining"));
+  EXPECT_THAT(server.log(), ::testing::HasSubstr("batch: 3 requests, 3 samples"));
+}
+
+TEST(ServerProcess, RefusesBadFlagsWithUsage) {
+  ServerProcess server({"--max_batch_samples", "0"}, {});
+  EXPECT_EQ(server.Terminate(), 1);
+  EXPECT_THAT(server.log(), ::testing::HasSubstr("--max_batch_samples must be >= 1"));
+}
+
+}  // namespace
+}  // namespace mmdit

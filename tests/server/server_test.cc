@@ -1,0 +1,263 @@
+// The service end to end over loopback: an in-process server on port 0 and real clients.
+#include "server/denoiser_server.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <thread>
+
+#include "core/batch.h"
+#include "mmdit_test/reflection.pb.h"
+#include "tests/server/server_test_util.h"
+
+namespace mmdit {
+namespace {
+
+using ::mmdit::testing::ClientFor;
+using ::mmdit::testing::Eventually;
+using ::mmdit::testing::GoldenDir;
+using ::mmdit::testing::HttpGet;
+using ::mmdit::testing::Inputs;
+using ::mmdit::testing::MaxAbsDiff;
+using ::mmdit::testing::RandomSd3TinyInputs;
+using ::mmdit::testing::StartDenoise;
+using ::mmdit::testing::StartServer;
+using ::testing::HasSubstr;
+
+constexpr auto kTimeout = std::chrono::seconds(30);
+
+// The engine's answer for `inputs` run alone.
+Tensor EngineAlone(const std::string& golden, const Inputs& inputs) {
+  auto engine = Engine::Load(GoldenDir(golden));
+  auto samples = SplitBatch(inputs.img_latent, inputs.txt_embed, inputs.timestep, inputs.pooled_text);
+  auto outputs = (*engine)->Forward(*samples);
+  EXPECT_TRUE(outputs.ok()) << outputs.status();
+  return *StackBatch(*outputs);
+}
+
+TEST(DenoiserServer, GoldenCasesThroughDenoiseEqualTheEngine) {
+  for (const char* golden : {"seed_tiny", "sd3_tiny", "sd35_tiny"}) {
+    auto server = StartServer({}, golden);
+    auto client = ClientFor(*server);
+    const testing::GoldenCase c = testing::LoadGoldenCase(golden);
+    const Inputs inputs{c.img_latent, c.txt_embed, c.timestep, c.pooled_text};
+    auto result = client->Denoise(inputs.View(), v1::FP32, kTimeout);
+    ASSERT_TRUE(result.ok()) << golden << ": " << result.status();
+    EXPECT_LE(MaxAbsDiff(result->prediction, EngineAlone(golden, inputs)), 1e-6) << golden;
+    EXPECT_LE(MaxAbsDiff(result->prediction, c.expected), 1e-4) << golden;
+    EXPECT_EQ(result->batch_samples, c.img_latent.shape[0]);
+  }
+}
+
+TEST(DenoiserServer, HalfPrecisionOnTheWireComesBackInTheSameDtype) {
+  auto server = StartServer({});
+  auto client = ClientFor(*server);
+  const Inputs inputs = RandomSd3TinyInputs(2, 8, 8, 5, 1);
+  const Tensor reference = EngineAlone("sd3_tiny", inputs);
+  for (v1::DType dtype : {v1::BF16, v1::FP16}) {
+    v1::DenoiseResponse response;
+    grpc::ClientContext context;
+    ASSERT_TRUE(client->stub().Denoise(&context, MakeDenoiseRequest(inputs.View(), dtype), &response).ok());
+    EXPECT_EQ(response.prediction().dtype(), dtype);
+    auto prediction = DecodeTensor(response.prediction(), "prediction");
+    ASSERT_TRUE(prediction.ok());
+    EXPECT_LE(MaxAbsDiff(*prediction, reference), 0.1) << v1::DType_Name(dtype);  // inputs rounded too
+  }
+}
+
+TEST(DenoiserServer, ConcurrentCallersOfDifferentShapesShareForwardPassesAndGetTheirOwnAnswers) {
+  ServerOptions options;
+  options.batcher.max_batch_samples = 16;
+  options.batcher.max_queue_delay_us = 300'000;  // long enough that concurrent calls meet
+  auto server = StartServer(options);
+  auto client = ClientFor(*server);
+  const std::vector<Inputs> inputs = {
+      RandomSd3TinyInputs(1, 8, 8, 7, 10),   RandomSd3TinyInputs(2, 4, 6, 3, 20),
+      RandomSd3TinyInputs(1, 16, 16, 12, 30), RandomSd3TinyInputs(3, 2, 16, 1, 40),
+      RandomSd3TinyInputs(1, 6, 10, 9, 50),  RandomSd3TinyInputs(2, 8, 8, 7, 60),
+  };
+  std::vector<std::unique_ptr<testing::AsyncCall>> calls;
+  for (const Inputs& in : inputs) calls.push_back(StartDenoise(*client, in));
+  int merged = 0;
+  for (size_t i = 0; i < calls.size(); ++i) {
+    const grpc::Status status = calls[i]->status.get();
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    auto prediction = DecodeTensor(calls[i]->response.prediction(), "prediction");
+    ASSERT_TRUE(prediction.ok());
+    EXPECT_LE(MaxAbsDiff(*prediction, EngineAlone("sd3_tiny", inputs[i])), 1e-5) << "caller " << i;
+    if (calls[i]->response.batch_samples() > inputs[i].img_latent.shape[0]) ++merged;
+  }
+  EXPECT_GE(merged, 2) << "no two callers shared a forward pass";
+}
+
+TEST(DenoiserServer, DeadlinePassingWhileQueuedIsDeadlineExceededAndNothingIsComputed) {
+  ServerOptions options;
+  options.batcher.max_queue_delay_us = 2'000'000;
+  auto server = StartServer(options);
+  auto client = ClientFor(*server);
+  auto call = StartDenoise(*client, RandomSd3TinyInputs(1, 8, 8, 7, 1), std::chrono::milliseconds(100));
+  EXPECT_EQ(call->status.get().error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  // The server drops it when it next looks at the queue, without computing it.
+  EXPECT_TRUE(Eventually([&] { return server->queue_size() == 0; }));
+  EXPECT_EQ(server->metrics().samples_computed(), 0u);
+  EXPECT_EQ(server->metrics().requests_with_code(grpc::StatusCode::OK), 0u);
+}
+
+TEST(DenoiserServer, ClientCancellationWhileQueuedIsDroppedWithoutComputing) {
+  ServerOptions options;
+  options.batcher.max_queue_delay_us = 2'000'000;
+  auto server = StartServer(options);
+  auto client = ClientFor(*server);
+  auto call = StartDenoise(*client, RandomSd3TinyInputs(1, 8, 8, 7, 1));
+  ASSERT_TRUE(Eventually([&] { return server->queue_size() == 1; }));
+  call->context.TryCancel();
+  EXPECT_EQ(call->status.get().error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_TRUE(Eventually([&] { return server->metrics().requests_with_code(grpc::StatusCode::CANCELLED) == 1; }));
+  EXPECT_EQ(server->queue_size(), 0);
+  EXPECT_EQ(server->metrics().samples_computed(), 0u);
+}
+
+TEST(DenoiserServer, AFullQueueAnswersResourceExhaustedAtOnce) {
+  ServerOptions options;
+  options.batcher.max_queue_size = 2;
+  options.batcher.max_queue_delay_us = 10'000'000;
+  auto server = StartServer(options);
+  auto client = ClientFor(*server);
+  auto first = StartDenoise(*client, RandomSd3TinyInputs(1, 8, 8, 7, 1));
+  auto second = StartDenoise(*client, RandomSd3TinyInputs(1, 8, 8, 7, 2));
+  ASSERT_TRUE(Eventually([&] { return server->queue_size() == 2; }));
+  auto refused = client->Denoise(RandomSd3TinyInputs(1, 8, 8, 7, 3).View(), v1::FP32, kTimeout);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("queue full"));
+  server->BeginDrain();  // the queued two are still answered
+  EXPECT_TRUE(first->status.get().ok());
+  EXPECT_TRUE(second->status.get().ok());
+}
+
+TEST(DenoiserServer, DrainAnswersEveryAcceptedRequestAndRefusesNewOnes) {
+  ServerOptions options;
+  options.batcher.max_queue_delay_us = 10'000'000;
+  options.batcher.max_batch_samples = 2;
+  auto server = StartServer(options);
+  auto client = ClientFor(*server);
+  std::vector<std::unique_ptr<testing::AsyncCall>> accepted;
+  for (uint32_t i = 0; i < 3; ++i) accepted.push_back(StartDenoise(*client, RandomSd3TinyInputs(1, 8, 8, 7, i)));
+  ASSERT_TRUE(Eventually([&] { return server->queue_size() == 1; }));  // two ran as a full batch, one waits
+  server->BeginDrain();
+  for (auto& call : accepted) EXPECT_TRUE(call->status.get().ok());
+  auto late = client->Denoise(RandomSd3TinyInputs(1, 8, 8, 7, 9).View(), v1::FP32, kTimeout);
+  EXPECT_EQ(late.status().code(), absl::StatusCode::kUnavailable);
+  auto serving = client->IsServing(kTimeout);
+  ASSERT_TRUE(serving.ok());
+  EXPECT_FALSE(*serving);
+  server->Shutdown();
+  EXPECT_EQ(server->metrics().requests_with_code(grpc::StatusCode::OK), 3u);
+}
+
+TEST(DenoiserServer, MalformedRequestsAreInvalidArgumentAndHarmNoBatchMate) {
+  ServerOptions options;
+  options.batcher.max_queue_delay_us = 200'000;
+  options.limits.max_text_tokens = 16;
+  auto server = StartServer(options);
+  auto client = ClientFor(*server);
+  const Inputs good = RandomSd3TinyInputs(1, 8, 8, 7, 1);
+  auto good_call = StartDenoise(*client, good);  // queued while the bad ones arrive
+  std::vector<std::pair<v1::DenoiseRequest, std::string>> bad;
+  auto with = [&](const std::function<void(v1::DenoiseRequest&)>& spoil, const std::string& message) {
+    v1::DenoiseRequest request = MakeDenoiseRequest(good.View(), v1::FP32);
+    spoil(request);
+    bad.emplace_back(std::move(request), message);
+  };
+  with([](auto& r) { r.mutable_img_latent()->set_shape(2, 7); }, "img_latent:");
+  with([](auto& r) { r.mutable_txt_embed()->mutable_data()->pop_back(); }, "txt_embed:");
+  with([](auto& r) { r.clear_timestep(); }, "timestep: missing");
+  with([](auto& r) { std::memset(r.mutable_pooled_text()->mutable_data()->data(), 0xff, 4); }, "pooled_text: element 0 is NaN");
+  with([](auto& r) { r.mutable_img_latent()->set_dtype(static_cast<v1::DType>(42)); }, "img_latent: dtype");
+  with([](auto& r) { EncodeTensor(testing::RandomTensor({1, 17, 40}, 1), v1::FP32, r.mutable_txt_embed()); },
+       "txt_embed: 17 text tokens");
+  for (const auto& [request, message] : bad) {
+    v1::DenoiseResponse response;
+    grpc::ClientContext context;
+    const grpc::Status status = client->stub().Denoise(&context, request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << message;
+    EXPECT_THAT(status.error_message(), HasSubstr(message));
+  }
+  ASSERT_TRUE(good_call->status.get().ok());
+  auto prediction = DecodeTensor(good_call->response.prediction(), "prediction");
+  EXPECT_LE(MaxAbsDiff(*prediction, EngineAlone("sd3_tiny", good)), 1e-5);
+  EXPECT_TRUE(client->Denoise(good.View(), v1::FP32, kTimeout).ok());  // still serving
+  EXPECT_EQ(server->metrics().requests_with_code(grpc::StatusCode::INVALID_ARGUMENT), bad.size());
+}
+
+TEST(DenoiserServer, HealthFollowsTheLifeCycle) {
+  auto server = StartServer({}, "sd3_tiny", /*serve=*/false);
+  auto client = ClientFor(*server);
+  EXPECT_FALSE(*client->IsServing(kTimeout));
+  auto early = client->Denoise(RandomSd3TinyInputs(1, 8, 8, 7, 1).View(), v1::FP32, kTimeout);
+  EXPECT_EQ(early.status().code(), absl::StatusCode::kUnavailable);
+  ASSERT_TRUE(server->Serve(Engine::Load(GoldenDir("sd3_tiny")).value(), {{2, {4, 16, 16}, 10}}).ok());
+  EXPECT_TRUE(*client->IsServing(kTimeout));
+  server->BeginDrain();
+  EXPECT_FALSE(*client->IsServing(kTimeout));
+}
+
+TEST(DenoiserServer, GetModelInfoReportsTheModelAndTheLimits) {
+  ServerOptions options;
+  options.batcher.max_batch_samples = 6;
+  options.limits.max_samples_per_request = 4;
+  options.model_dir = "golden/sd3_tiny";
+  auto server = StartServer(options);
+  auto info = ClientFor(*server)->GetModelInfo(kTimeout);
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->model().hidden_size(), 64);
+  EXPECT_EQ(info->model().depth(), 3);
+  EXPECT_EQ(info->model().img_dim(), 16);
+  EXPECT_EQ(info->model().pos_embed_max_size(), 8);
+  EXPECT_EQ(info->model().model_dir(), "golden/sd3_tiny");
+  EXPECT_EQ(info->limits().max_batch_samples(), 6);
+  EXPECT_EQ(info->limits().max_samples_per_request(), 4);
+  EXPECT_EQ(info->limits().max_latent_height(), 16);
+  EXPECT_THAT(info->limits().forms(), ::testing::ElementsAre("image"));
+}
+
+TEST(DenoiserServer, ServesPrometheusMetrics) {
+  auto server = StartServer({});
+  auto client = ClientFor(*server);
+  ASSERT_TRUE(client->Denoise(RandomSd3TinyInputs(2, 8, 8, 7, 1).View(), v1::FP32, kTimeout).ok());
+  EXPECT_FALSE(client->Denoise(RandomSd3TinyInputs(1, 3, 8, 7, 1).View(), v1::FP32, kTimeout).ok());
+  const std::string page = HttpGet(server->metrics_port(), "/metrics");
+  EXPECT_THAT(page, HasSubstr("200 OK"));
+  EXPECT_THAT(page, HasSubstr("mmdit_requests_total{code=\"OK\"} 1\n"));
+  EXPECT_THAT(page, HasSubstr("mmdit_requests_total{code=\"INVALID_ARGUMENT\"} 1\n"));
+  EXPECT_THAT(page, HasSubstr("mmdit_samples_total 2\n"));
+  EXPECT_THAT(page, HasSubstr("mmdit_batch_samples_bucket{le=\"2\"} 1\n"));
+  EXPECT_THAT(page, HasSubstr("mmdit_queue_seconds_count 1\n"));
+  EXPECT_THAT(page, HasSubstr("mmdit_queue_depth 0\n"));
+  EXPECT_THAT(HttpGet(server->metrics_port(), "/other"), HasSubstr("404"));
+}
+
+TEST(DenoiserServer, ReflectionListsTheServices) {
+  using Request = mmdit::test::reflection::ServerReflectionRequest;
+  using Response = mmdit::test::reflection::ServerReflectionResponse;
+  auto server = StartServer({});
+  auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(server->port()), grpc::InsecureChannelCredentials());
+  // What a generated ServerReflection stub does, with our copies of the messages.
+  const grpc::internal::RpcMethod method("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                                         grpc::internal::RpcMethod::BIDI_STREAMING, channel);
+  grpc::ClientContext context;
+  std::unique_ptr<grpc::ClientReaderWriter<Request, Response>> stream(
+      grpc::internal::ClientReaderWriterFactory<Request, Response>::Create(channel.get(), method, &context));
+  Request request;
+  request.set_list_services("");
+  ASSERT_TRUE(stream->Write(request));
+  Response response;
+  ASSERT_TRUE(stream->Read(&response));
+  stream->WritesDone();
+  std::vector<std::string> names;
+  for (const auto& service : response.list_services_response().service()) names.push_back(service.name());
+  EXPECT_THAT(names, ::testing::IsSupersetOf({"mmdit.v1.Denoiser", "grpc.health.v1.Health"}));
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
+}  // namespace
+}  // namespace mmdit

@@ -1,0 +1,81 @@
+#include "tests/server/server_test_util.h"
+
+#include <gtest/gtest.h>
+
+#include <arpa/inet.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <thread>
+
+namespace mmdit::testing {
+
+std::unique_ptr<DenoiserServer> StartServer(ServerOptions options, const std::string& golden, bool serve) {
+  options.host = "127.0.0.1";
+  options.port = 0;
+  options.metrics_port = 0;
+  auto server = DenoiserServer::Start(options);
+  EXPECT_TRUE(server.ok()) << server.status();
+  if (!server.ok()) return nullptr;
+  if (serve) {
+    auto engine = Engine::Load(GoldenDir(golden));
+    EXPECT_TRUE(engine.ok()) << engine.status();
+    const absl::Status status = (*server)->Serve(std::move(*engine), {});
+    EXPECT_TRUE(status.ok()) << status;
+  }
+  return std::move(*server);
+}
+
+std::unique_ptr<DenoiserClient> ClientFor(const DenoiserServer& server) {
+  auto client = DenoiserClient::Connect({.target = "127.0.0.1:" + std::to_string(server.port())});
+  EXPECT_TRUE(client.ok()) << client.status();
+  return std::move(*client);
+}
+
+Inputs RandomSd3TinyInputs(int64_t batch, int64_t height, int64_t width, int64_t text_tokens, uint32_t seed) {
+  Inputs inputs{RandomTensor({batch, 4, height, width}, seed), RandomTensor({batch, text_tokens, 40}, seed + 1),
+                Tensor({batch}), RandomTensor({batch, 24}, seed + 2)};
+  for (int64_t b = 0; b < batch; ++b) inputs.timestep.data[b] = 100.0f * (seed % 10) + b;
+  return inputs;
+}
+
+std::unique_ptr<AsyncCall> StartDenoise(DenoiserClient& client, const Inputs& inputs,
+                                        std::chrono::milliseconds timeout) {
+  auto call = std::make_unique<AsyncCall>();
+  call->request = MakeDenoiseRequest(inputs.View(), v1::FP32);
+  call->context.set_deadline(std::chrono::system_clock::now() + timeout);
+  AsyncCall* raw = call.get();
+  client.stub().async()->Denoise(&raw->context, &raw->request, &raw->response,
+                                 [raw](grpc::Status status) { raw->done.set_value(status); });
+  return call;
+}
+
+bool Eventually(const std::function<bool()>& condition, std::chrono::milliseconds limit) {
+  const auto give_up = std::chrono::steady_clock::now() + limit;
+  while (!condition()) {
+    if (std::chrono::steady_clock::now() > give_up) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return true;
+}
+
+std::string HttpGet(int port, const std::string& path) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(port);
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) return "";
+  const std::string request = "GET " + path + " HTTP/1.0\r\nHost: localhost\r\n\r\n";
+  [[maybe_unused]] ssize_t sent = ::send(fd, request.data(), request.size(), 0);
+  std::string response;
+  char buffer[4096];
+  while (ssize_t n = ::read(fd, buffer, sizeof(buffer))) {
+    if (n < 0) break;
+    response.append(buffer, n);
+  }
+  ::close(fd);
+  return response;
+}
+
+}  // namespace mmdit::testing
