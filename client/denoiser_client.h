@@ -18,12 +18,12 @@ class Channel;
 namespace mmdit {
 
 struct ClientOptions {
-  std::string target;                 // "host:port", or "dns:///name:port" for every replica
-  std::string tls_ca_file;            // non-empty: TLS, trusting servers this CA signed
+  std::string target;                       // "host:port", or "dns:///name:port" for every replica
+  std::string tls_ca_file;                  // non-empty: TLS, trusting servers this CA signed
   std::string tls_cert_file, tls_key_file;  // this client's certificate, for mutual TLS
-  std::string tls_server_name;        // the name to verify the server's certificate against, if not the target's
+  std::string tls_server_name;              // the name to verify the server's certificate against, if not the target's
   int64_t max_message_mb = 64;
-  bool round_robin = true;            // balance calls over every address the target resolves to
+  bool round_robin = true;  // balance calls over every address the target resolves to
 };
 
 struct DenoiseInputs {

@@ -21,9 +21,10 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 constexpr const char* kCodeNames[17] = {
-    "OK",           "CANCELLED",         "UNKNOWN",  "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
-    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
-    "OUT_OF_RANGE", "UNIMPLEMENTED",     "INTERNAL", "UNAVAILABLE",      "DATA_LOSS",         "UNAUTHENTICATED"};
+    "OK",        "CANCELLED",      "UNKNOWN",           "INVALID_ARGUMENT",   "DEADLINE_EXCEEDED",
+    "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+    "ABORTED",   "OUT_OF_RANGE",   "UNIMPLEMENTED",     "INTERNAL",           "UNAVAILABLE",
+    "DATA_LOSS", "UNAUTHENTICATED"};
 
 double Percentile(std::vector<double>& sorted, double q) {
   if (sorted.empty()) return 0;
@@ -35,7 +36,10 @@ class LoadState {
  public:
   LoadState(DenoiserClient& client, const LoadOptions& options, std::vector<v1::DenoiseRequest> requests,
             std::vector<int64_t> samples)
-      : client_(client), options_(options), requests_(std::move(requests)), samples_(std::move(samples)),
+      : client_(client),
+        options_(options),
+        requests_(std::move(requests)),
+        samples_(std::move(samples)),
         rng_(options.seed) {
     std::vector<double> weights;
     for (const RequestShape& shape : options.mix) weights.push_back(shape.weight);
@@ -131,11 +135,11 @@ class LoadState {
   const std::vector<int64_t> samples_;
   std::mutex mutex_;
   std::condition_variable all_done_;
-  std::mt19937 rng_;                             // guarded by mutex_
-  std::discrete_distribution<size_t> pick_;      // guarded by mutex_
+  std::mt19937 rng_;                         // guarded by mutex_
+  std::discrete_distribution<size_t> pick_;  // guarded by mutex_
   Clock::time_point start_;
   int64_t sent_ = 0, in_flight_ = 0, answered_ = 0, ok_ = 0, ok_samples_ = 0;  // guarded by mutex_
-  double batch_samples_sum_ = 0, queue_us_sum_ = 0, compute_us_sum_ = 0;      // guarded by mutex_
+  double batch_samples_sum_ = 0, queue_us_sum_ = 0, compute_us_sum_ = 0;       // guarded by mutex_
   std::vector<double> latencies_ms_;                                           // guarded by mutex_
   std::map<std::string, int64_t> errors_;                                      // guarded by mutex_
 };

@@ -26,9 +26,9 @@ struct RequestShape {
 absl::StatusOr<std::vector<RequestShape>> ParseMix(const std::string& spec, int64_t batch, int64_t img_dim);
 
 struct LoadOptions {
-  int64_t concurrency = 0;    // closed loop: calls in flight (exactly one of concurrency, rate)
-  double rate = 0;            // open loop: requests per second, Poisson arrivals
-  int64_t requests = 0;       // stop after this many (exactly one of requests, duration_s)
+  int64_t concurrency = 0;  // closed loop: calls in flight (exactly one of concurrency, rate)
+  double rate = 0;          // open loop: requests per second, Poisson arrivals
+  int64_t requests = 0;     // stop after this many (exactly one of requests, duration_s)
   double duration_s = 0;
   std::vector<RequestShape> mix;
   v1::DType dtype = v1::FP32;
@@ -37,7 +37,7 @@ struct LoadOptions {
 };
 
 struct LoadReport {
-  int64_t requests = 0;  // answered, successfully or not
+  int64_t requests = 0;                   // answered, successfully or not
   std::map<std::string, int64_t> errors;  // gRPC code name -> count
   double throughput_rps = 0, throughput_samples_per_s = 0;
   double p50_ms = 0, p90_ms = 0, p95_ms = 0, p99_ms = 0;  // over successful calls

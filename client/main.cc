@@ -33,9 +33,10 @@ constexpr char kUsage[] =
 
 const char* CodeName(absl::StatusCode code) {
   static constexpr const char* kNames[17] = {
-      "OK",           "CANCELLED",         "UNKNOWN",  "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
-      "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
-      "OUT_OF_RANGE", "UNIMPLEMENTED",     "INTERNAL", "UNAVAILABLE",      "DATA_LOSS",         "UNAUTHENTICATED"};
+      "OK",        "CANCELLED",      "UNKNOWN",           "INVALID_ARGUMENT",   "DEADLINE_EXCEEDED",
+      "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+      "ABORTED",   "OUT_OF_RANGE",   "UNIMPLEMENTED",     "INTERNAL",           "UNAVAILABLE",
+      "DATA_LOSS", "UNAUTHENTICATED"};
   const int index = static_cast<int>(code);
   return index >= 0 && index < 17 ? kNames[index] : "UNKNOWN";
 }
@@ -94,8 +95,8 @@ absl::Status Denoise(const Flags& flags) {
     ASSIGN_OR_RETURN(inputs[i], ReadNpy(path));
   }
   ASSIGN_OR_RETURN(auto client, Connect(flags));
-  ASSIGN_OR_RETURN(DenoiseResult result, client->Denoise({inputs[0], inputs[1], inputs[2], inputs[3], ""}, dtype,
-                                                         Timeout(flags)));
+  ASSIGN_OR_RETURN(DenoiseResult result,
+                   client->Denoise({inputs[0], inputs[1], inputs[2], inputs[3], ""}, dtype, Timeout(flags)));
   std::cerr << "queue " << result.queue_us << " us, compute " << result.compute_us << " us, batch of "
             << result.batch_samples << " samples\n";
   return WriteNpy(out_path, result.prediction);
@@ -131,12 +132,12 @@ absl::Status Bench(const Flags& flags) {
   ASSIGN_OR_RETURN(LoadReport report, RunLoad(*client, options));
   std::string errors;
   for (const auto& [code, count] : report.errors) absl::StrAppend(&errors, " ", code, "=", count);
-  std::cout << "requests " << report.requests << " in " << report.wall_s << " s; errors:"
-            << (errors.empty() ? " none" : errors) << "\n"
+  std::cout << "requests " << report.requests << " in " << report.wall_s
+            << " s; errors:" << (errors.empty() ? " none" : errors) << "\n"
             << "throughput " << report.throughput_rps << " requests/s, " << report.throughput_samples_per_s
             << " samples/s\n"
-            << "latency ms p50 " << report.p50_ms << "  p90 " << report.p90_ms << "  p95 " << report.p95_ms
-            << "  p99 " << report.p99_ms << "\n"
+            << "latency ms p50 " << report.p50_ms << "  p90 " << report.p90_ms << "  p95 " << report.p95_ms << "  p99 "
+            << report.p99_ms << "\n"
             << "mean batch_samples " << report.mean_batch_samples << "; server queue " << report.server_queue_us_mean
             << " us, compute " << report.server_compute_us_mean << " us (means)\n";
   if (flags.String("json", "false") != "false") std::cout << report.ToJson().dump() << "\n";
@@ -153,8 +154,10 @@ int Main(int argc, char** argv) {
       {"health", Health, {}},
       {"info", Info, {}},
       {"denoise", Denoise, {"img_latent", "txt_embed", "timestep", "pooled_text", "out", "dtype"}},
-      {"bench", Bench, {"concurrency", "rate", "requests", "duration", "img_tokens", "latent", "txt_tokens", "batch",
-                        "mix", "dtype", "json"}},
+      {"bench",
+       Bench,
+       {"concurrency", "rate", "requests", "duration", "img_tokens", "latent", "txt_tokens", "batch", "mix", "dtype",
+        "json"}},
   };
   if (argc < 2 || std::string(argv[1]) == "--help") {
     std::cerr << kUsage;

@@ -30,8 +30,8 @@ absl::StatusOr<std::vector<SampleInput>> SplitBatch(const TensorView& img_latent
     const size_t rank = field.tensor.shape.size();
     const bool rank_ok = field.rank == 0 ? (rank == 3 || rank == 4) : rank == field.rank;
     if (!rank_ok || field.tensor.shape[0] < 1) {
-      return absl::InvalidArgumentError(absl::StrCat(field.name, ": expected ", field.layout, " with B >= 1, got ",
-                                                     ShapeString(field.tensor.shape)));
+      return absl::InvalidArgumentError(
+          absl::StrCat(field.name, ": expected ", field.layout, " with B >= 1, got ", ShapeString(field.tensor.shape)));
     }
     if (field.tensor.shape[0] != img_latent.shape[0]) {
       return absl::InvalidArgumentError(absl::StrCat(field.name, ": batch size ", field.tensor.shape[0],
@@ -40,8 +40,8 @@ absl::StatusOr<std::vector<SampleInput>> SplitBatch(const TensorView& img_latent
   }
   std::vector<SampleInput> samples;
   for (int64_t b = 0; b < img_latent.shape[0]; ++b) {
-    samples.push_back({SampleView(img_latent, b), SampleView(txt_embed, b), timestep.data[b],
-                       SampleView(pooled_text, b)});
+    samples.push_back(
+        {SampleView(img_latent, b), SampleView(txt_embed, b), timestep.data[b], SampleView(pooled_text, b)});
   }
   return samples;
 }
@@ -54,8 +54,8 @@ absl::StatusOr<Tensor> StackBatch(const std::vector<Tensor>& samples) {
   out.shape = shape;
   for (const Tensor& sample : samples) {
     if (sample.shape != samples[0].shape) {
-      return absl::InvalidArgumentError(absl::StrCat("cannot stack ", ShapeString(sample.shape), " with ",
-                                                     ShapeString(samples[0].shape)));
+      return absl::InvalidArgumentError(
+          absl::StrCat("cannot stack ", ShapeString(sample.shape), " with ", ShapeString(samples[0].shape)));
     }
     out.data.insert(out.data.end(), sample.data.begin(), sample.data.end());
   }

@@ -23,8 +23,7 @@ absl::StatusOr<TensorMap> ReadShards(const fs::path& index_path) {
   std::stringstream text;
   text << file.rdbuf();
   const json index = json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
-  if (index.is_discarded() || !index.is_object() || !index.contains("weight_map") ||
-      !index["weight_map"].is_object()) {
+  if (index.is_discarded() || !index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(index_path.string(), ": not a JSON object with a weight_map"));
   }
   std::map<std::string, std::set<std::string>> names_by_shard;
@@ -47,8 +46,8 @@ absl::StatusOr<TensorMap> ReadShards(const fs::path& index_path) {
     }
     for (auto& [name, tensor] : tensors) {
       if (!names.contains(name)) {
-        return absl::InvalidArgumentError(absl::StrCat(shard_path.string(), ": tensor '", name,
-                                                       "' is not listed for this shard in the index"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(shard_path.string(), ": tensor '", name, "' is not listed for this shard in the index"));
       }
       all.emplace(name, std::move(tensor));
     }
@@ -63,8 +62,8 @@ std::vector<Tensor> SplitRows(const Tensor& t, int parts) {
   part_shape[0] /= parts;
   const int64_t part_size = NumElements(part_shape);
   for (int i = 0; i < parts; ++i) {
-    out.emplace_back(part_shape, std::vector<float>(t.data.begin() + i * part_size,
-                                                    t.data.begin() + (i + 1) * part_size));
+    out.emplace_back(part_shape,
+                     std::vector<float>(t.data.begin() + i * part_size, t.data.begin() + (i + 1) * part_size));
   }
   return out;
 }
@@ -89,14 +88,17 @@ struct StreamNames {
   const char* fc1;
   const char* fc2;
 };
-constexpr StreamNames kImageNames = {"norm1.linear", {"attn.to_q", "attn.to_k", "attn.to_v"}, "attn.to_out.0",
-                                     "attn.norm_q", "attn.norm_k", "ff.net.0.proj", "ff.net.2"};
-constexpr StreamNames kTextNames = {"norm1_context.linear",
-                                    {"attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"},
-                                    "attn.to_add_out", "attn.norm_added_q", "attn.norm_added_k",
-                                    "ff_context.net.0.proj", "ff_context.net.2"};
-constexpr StreamNames kDualNames = {nullptr, {"attn2.to_q", "attn2.to_k", "attn2.to_v"}, "attn2.to_out.0",
-                                    "attn2.norm_q", "attn2.norm_k", nullptr, nullptr};
+constexpr StreamNames kImageNames = {"norm1.linear",  {"attn.to_q", "attn.to_k", "attn.to_v"},
+                                     "attn.to_out.0", "attn.norm_q",
+                                     "attn.norm_k",   "ff.net.0.proj",
+                                     "ff.net.2"};
+constexpr StreamNames kTextNames = {"norm1_context.linear", {"attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"},
+                                    "attn.to_add_out",      "attn.norm_added_q",
+                                    "attn.norm_added_k",    "ff_context.net.0.proj",
+                                    "ff_context.net.2"};
+constexpr StreamNames kDualNames = {
+    nullptr, {"attn2.to_q", "attn2.to_k", "attn2.to_v"}, "attn2.to_out.0", "attn2.norm_q", "attn2.norm_k", nullptr,
+    nullptr};
 
 // Renames one Stability tensor into `out`; returns false when the name is not one it knows.
 // `hidden` (D) tells the context-pre-only block's [2D, D] text modulation from a full [6D, D] one.
@@ -184,9 +186,10 @@ absl::StatusOr<TensorMap> ReadCheckpoint(const std::string& model_dir) {
   }
   const fs::path index = dir / "diffusion_pytorch_model.safetensors.index.json";
   if (fs::exists(index)) return ReadShards(index);
-  return absl::NotFoundError(absl::StrCat(
-      model_dir, ": no weights (looked for model.safetensors, diffusion_pytorch_model.safetensors and "
-                 "diffusion_pytorch_model.safetensors.index.json)"));
+  return absl::NotFoundError(
+      absl::StrCat(model_dir,
+                   ": no weights (looked for model.safetensors, diffusion_pytorch_model.safetensors and "
+                   "diffusion_pytorch_model.safetensors.index.json)"));
 }
 
 TensorMap ToDiffusersNames(TensorMap tensors, int64_t hidden) {
@@ -201,4 +204,3 @@ TensorMap ToDiffusersNames(TensorMap tensors, int64_t hidden) {
 }
 
 }  // namespace mmdit
-

@@ -6,9 +6,12 @@ namespace mmdit {
 
 const char* DTypeName(DType dtype) {
   switch (dtype) {
-    case DType::kF32: return "F32";
-    case DType::kF16: return "F16";
-    case DType::kBF16: return "BF16";
+    case DType::kF32:
+      return "F32";
+    case DType::kF16:
+      return "F16";
+    case DType::kBF16:
+      return "BF16";
   }
   return "?";
 }
@@ -47,9 +50,9 @@ uint16_t FloatToHalf(float value) {
   std::memcpy(&bits, &value, 4);
   const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000);
   const uint32_t abs_bits = bits & 0x7fffffff;
-  if (abs_bits > 0x7f800000) return sign | 0x7e00;    // NaN
-  if (abs_bits >= 0x477ff000) return sign | 0x7c00;   // rounds to >= 65520: Inf
-  if (abs_bits < 0x38800000) {                        // below 2^-14: subnormal or zero
+  if (abs_bits > 0x7f800000) return sign | 0x7e00;   // NaN
+  if (abs_bits >= 0x477ff000) return sign | 0x7c00;  // rounds to >= 65520: Inf
+  if (abs_bits < 0x38800000) {                       // below 2^-14: subnormal or zero
     float abs_value;
     std::memcpy(&abs_value, &abs_bits, 4);
     return sign | static_cast<uint16_t>(std::nearbyint(abs_value * 16777216.0f));  // * 2^24

@@ -64,15 +64,15 @@ struct EngineModel {
 struct StreamRows {
   std::vector<int64_t> offset, rows;
   int64_t total = 0;
-  float* x = nullptr;           // [total, D] the residual stream
-  float* normed = nullptr;      // [total, D] LN + modulation
-  float* q = nullptr;           // [total, D]
-  float* k = nullptr;           // [total, D]
-  float* v = nullptr;           // [total, D]
-  float* attended = nullptr;    // [total, D]
-  float* projected = nullptr;   // [total, D]
-  float* mlp_hidden = nullptr;  // [total, mlp]
-  float* modulation = nullptr;  // [B, chunks * D] of the current modulation Linear
+  float* x = nullptr;             // [total, D] the residual stream
+  float* normed = nullptr;        // [total, D] LN + modulation
+  float* q = nullptr;             // [total, D]
+  float* k = nullptr;             // [total, D]
+  float* v = nullptr;             // [total, D]
+  float* attended = nullptr;      // [total, D]
+  float* projected = nullptr;     // [total, D]
+  float* mlp_hidden = nullptr;    // [total, mlp]
+  float* modulation = nullptr;    // [B, chunks * D] of the current modulation Linear
   int64_t modulation_stride = 0;  // that Linear's output width
   const float* Chunk(int64_t sample, int index, int64_t dim) const {
     return modulation + sample * modulation_stride + index * dim;
@@ -172,8 +172,15 @@ absl::StatusOr<StreamBlock> PrepareStream(DnnlContext& dnnl, StreamBlockWeights 
   ASSIGN_OR_RETURN(Linear q, linear(w.q));
   ASSIGN_OR_RETURN(Linear k, linear(w.k));
   ASSIGN_OR_RETURN(Linear v, linear(w.v));
-  StreamBlock s{std::move(modulation), std::move(q), std::move(k), std::move(v), std::move(w.q_norm),
-                std::move(w.k_norm), {}, {}, {}};
+  StreamBlock s{std::move(modulation),
+                std::move(q),
+                std::move(k),
+                std::move(v),
+                std::move(w.q_norm),
+                std::move(w.k_norm),
+                {},
+                {},
+                {}};
   if (w.out) {
     ASSIGN_OR_RETURN(s.out, linear(*w.out));
     ASSIGN_OR_RETURN(s.ff_in, linear(*w.ff_in, Epilogue::kGeluTanh));
@@ -187,8 +194,8 @@ absl::StatusOr<SelfAttentionBlock> PrepareSelfAttention(DnnlContext& dnnl, SelfA
   ASSIGN_OR_RETURN(Linear k, Linear::Create(dnnl, std::move(w.k), Epilogue::kNone));
   ASSIGN_OR_RETURN(Linear v, Linear::Create(dnnl, std::move(w.v), Epilogue::kNone));
   ASSIGN_OR_RETURN(Linear out, Linear::Create(dnnl, std::move(w.out), Epilogue::kNone));
-  return SelfAttentionBlock{std::move(q), std::move(k), std::move(v), std::move(out), std::move(w.q_norm),
-                            std::move(w.k_norm)};
+  return SelfAttentionBlock{std::move(q),   std::move(k),        std::move(v),
+                            std::move(out), std::move(w.q_norm), std::move(w.k_norm)};
 }
 
 }  // namespace
@@ -205,10 +212,17 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelConfig& config
   ASSIGN_OR_RETURN(Linear context_embedder, linear(w.context_embedder));
   ASSIGN_OR_RETURN(Linear norm_out, linear(w.norm_out));
   ASSIGN_OR_RETURN(Linear proj_out, linear(w.proj_out));
-  auto model = std::make_unique<EngineModel>(EngineModel{nullptr, std::move(patch_embed), std::move(timestep_1),
-                                             std::move(timestep_2), std::move(pooled_1), std::move(pooled_2),
-                                             std::move(context_embedder), std::move(norm_out), std::move(proj_out),
-                                             std::move(w.pos_table), {}});
+  auto model = std::make_unique<EngineModel>(EngineModel{nullptr,
+                                                         std::move(patch_embed),
+                                                         std::move(timestep_1),
+                                                         std::move(timestep_2),
+                                                         std::move(pooled_1),
+                                                         std::move(pooled_2),
+                                                         std::move(context_embedder),
+                                                         std::move(norm_out),
+                                                         std::move(proj_out),
+                                                         std::move(w.pos_table),
+                                                         {}});
   for (size_t i = 0; i < w.blocks.size(); ++i) {
     JointBlockWeights& bw = w.blocks[i];
     ASSIGN_OR_RETURN(StreamBlock image, PrepareStream(*dnnl, std::move(bw.image)));
@@ -247,20 +261,20 @@ absl::Status Engine::ValidateSample(const SampleInput& s) const {
                                                      ", got ", ShapeString(img)));
     }
     if (c.pos_embed_max_size && (img[1] / p > *c.pos_embed_max_size || img[2] / p > *c.pos_embed_max_size)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "img_latent: ", ShapeString(img), " is a ", img[1] / p, "x", img[2] / p,
-          " patch grid; the position table allows at most ", *c.pos_embed_max_size, "x", *c.pos_embed_max_size,
-          " (H and W <= ", *c.pos_embed_max_size * p, ")"));
+      return absl::InvalidArgumentError(absl::StrCat("img_latent: ", ShapeString(img), " is a ", img[1] / p, "x",
+                                                     img[2] / p, " patch grid; the position table allows at most ",
+                                                     *c.pos_embed_max_size, "x", *c.pos_embed_max_size,
+                                                     " (H and W <= ", *c.pos_embed_max_size * p, ")"));
     }
   } else if (img.size() == 2) {
     if (c.has_positions()) {
       return absl::InvalidArgumentError(absl::StrCat("img_latent: token form ", ShapeString(img),
-                                                     " needs a model without a position table; send [C=",
-                                                     c.in_channels, ", H, W]"));
+                                                     " needs a model without a position table; send [C=", c.in_channels,
+                                                     ", H, W]"));
     }
     if (img[0] < 1 || img[1] != c.patch_features()) {
-      return absl::InvalidArgumentError(absl::StrCat("img_latent: expected tokens [N >= 1, ", c.patch_features(),
-                                                     "], got ", ShapeString(img)));
+      return absl::InvalidArgumentError(
+          absl::StrCat("img_latent: expected tokens [N >= 1, ", c.patch_features(), "], got ", ShapeString(img)));
     }
   } else {
     return absl::InvalidArgumentError(absl::StrCat("img_latent: expected [C=", c.in_channels,
@@ -269,8 +283,8 @@ absl::Status Engine::ValidateSample(const SampleInput& s) const {
   }
   const Shape& txt = s.txt_embed.shape;
   if (txt.size() != 2 || txt[0] < 1 || txt[1] != c.joint_attention_dim) {
-    return absl::InvalidArgumentError(absl::StrCat("txt_embed: expected [T >= 1, ", c.joint_attention_dim,
-                                                   "] per sample, got ", ShapeString(txt)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("txt_embed: expected [T >= 1, ", c.joint_attention_dim, "] per sample, got ", ShapeString(txt)));
   }
   if (s.pooled_text.shape != Shape{c.pooled_projection_dim}) {
     return absl::InvalidArgumentError(absl::StrCat("pooled_text: expected [", c.pooled_projection_dim,
@@ -298,9 +312,9 @@ double ForwardFlops(const ModelConfig& c, absl::Span<const SampleTokens> samples
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const bool pre_only = c.IsContextPreOnly(i), is_dual = c.IsDualAttention(i);
     flops += linear(batch, d, (is_dual ? 9 : 6) * d) + linear(batch, d, (pre_only ? 2 : 6) * d);
-    flops += linear(n + t, d, 3 * d) + attention;                       // q, k, v; attention
-    flops += linear(n, d, d) + 2 * linear(n, d, mlp);                   // image out, MLP
-    if (!pre_only) flops += linear(t, d, d) + 2 * linear(t, d, mlp);    // text out, MLP
+    flops += linear(n + t, d, 3 * d) + attention;                     // q, k, v; attention
+    flops += linear(n, d, d) + 2 * linear(n, d, mlp);                 // image out, MLP
+    if (!pre_only) flops += linear(t, d, d) + 2 * linear(t, d, mlp);  // text out, MLP
     if (is_dual) flops += linear(n, d, 4 * d) + dual;
   }
   return flops + linear(batch, d, 2 * d) + linear(n, d, c.output_features());
@@ -317,7 +331,7 @@ struct Pass {
   absl::Span<const SampleInput> batch;
   StreamRows& image;
   StreamRows& text;
-  float* conditioning;  // [B, D]: SiLU(temb + pemb), what every modulation Linear reads
+  float* conditioning;          // [B, D]: SiLU(temb + pemb), what every modulation Linear reads
   float* conditioning_scratch;  // [B, 256 + P + 2D]
   absl::Span<float> attention_scratch;
 };
@@ -351,10 +365,10 @@ absl::Status EmbedImage(Pass& pass, Linear& patch_embed, const std::optional<Ten
 // conditioning [B, D] = SiLU(timestep embedding + pooled-text embedding).
 absl::Status EmbedConditioning(Pass& pass, EngineModel& m) {
   const int64_t batch = pass.batch.size(), d = pass.config.hidden(), pooled = pass.config.pooled_projection_dim;
-  float* features = pass.conditioning_scratch;  // [B, 256]
+  float* features = pass.conditioning_scratch;              // [B, 256]
   float* pooled_in = features + batch * kTimestepFeatures;  // [B, P]
-  float* hidden = pooled_in + batch * pooled;                // [B, D]
-  float* pooled_embedding = hidden + batch * d;              // [B, D]
+  float* hidden = pooled_in + batch * pooled;               // [B, D]
+  float* pooled_embedding = hidden + batch * d;             // [B, D]
   for (int64_t b = 0; b < batch; ++b) {
     TimestepFeatures(pass.batch[b].timestep, features + b * kTimestepFeatures);
     std::copy_n(pass.batch[b].pooled_text.data, pooled, pooled_in + b * pooled);
@@ -505,8 +519,8 @@ absl::StatusOr<std::vector<Tensor>> Engine::Forward(absl::Span<const SampleInput
   if (static_cast<int64_t>(ws.attention_scratch.size()) < scratch) ws.attention_scratch.resize(scratch);
   float* conditioning = carve.Take(n_batch * d);
   float* conditioning_scratch = carve.Take(n_batch * (2 * d + kTimestepFeatures + c.pooled_projection_dim));
-  Pass pass{c, batch, ws.image_rows, ws.text_rows, conditioning, conditioning_scratch,
-            absl::MakeSpan(ws.attention_scratch)};
+  Pass pass{
+      c, batch, ws.image_rows, ws.text_rows, conditioning, conditioning_scratch, absl::MakeSpan(ws.attention_scratch)};
 
   EngineModel& m = *model_;
   RETURN_IF_ERROR(EmbedImage(pass, m.patch_embed, m.pos_table));

@@ -25,10 +25,9 @@ RowRef Locate(const AttentionSequence& seq, int64_t j) {
 }
 
 // Attention of query rows [q_begin, q_end) of one sequence and head. `scores` holds
-// length() floats.
-[[gnu::target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")]]
-void AttendTile(const AttentionSequence& seq, int64_t head_offset, int64_t head_dim, int64_t row_stride,
-                int64_t q_begin, int64_t q_end, float* scores) {
+// length() floats. Inlined into one copy per instruction set (see kAttendTile).
+[[gnu::always_inline]] inline void AttendTileBody(const AttentionSequence& seq, int64_t head_offset, int64_t head_dim,
+                                                  int64_t row_stride, int64_t q_begin, int64_t q_end, float* scores) {
   const int64_t length = seq.length();
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
   for (int64_t i = q_begin; i < q_end; ++i) {
@@ -69,26 +68,77 @@ void AttendTile(const AttentionSequence& seq, int64_t head_offset, int64_t head_
   }
 }
 
+// One row of LayerNormModulate; inlined into one copy per instruction set.
+[[gnu::always_inline]] inline void LayerNormModulateRow(const float* xr, int64_t dim, const float* shift,
+                                                        const float* scale, float* yr) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t e = 0; e < dim; ++e) sum += xr[e];
+  const float mean = sum / dim;
+  float sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t e = 0; e < dim; ++e) sq += (xr[e] - mean) * (xr[e] - mean);
+  const float inv_std = 1.0f / std::sqrt(sq / dim + kNormEpsilon);
+#pragma omp simd
+  for (int64_t e = 0; e < dim; ++e) yr[e] = (xr[e] - mean) * inv_std * (1.0f + scale[e]) + shift[e];
+}
+
+// Run-time dispatch for the two hot loops of our own: AVX-512, AVX2+FMA, or baseline x86-64,
+// picked once from the CPU (the binaries are built for any x86-64; no -march=native). Plain
+// function pointers rather than GCC's target_clones: an ifunc resolver runs before the
+// sanitizers' runtimes are up and crashes TSan builds.
+using AttendTileFn = void (*)(const AttentionSequence&, int64_t, int64_t, int64_t, int64_t, int64_t, float*);
+using LayerNormRowFn = void (*)(const float*, int64_t, const float*, const float*, float*);
+
+[[gnu::target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]] void AttendTileAvx512(
+    const AttentionSequence& seq, int64_t head_offset, int64_t head_dim, int64_t row_stride, int64_t q_begin,
+    int64_t q_end, float* scores) {
+  AttendTileBody(seq, head_offset, head_dim, row_stride, q_begin, q_end, scores);
+}
+[[gnu::target("avx2,fma")]] void AttendTileAvx2(const AttentionSequence& seq, int64_t head_offset, int64_t head_dim,
+                                                int64_t row_stride, int64_t q_begin, int64_t q_end, float* scores) {
+  AttendTileBody(seq, head_offset, head_dim, row_stride, q_begin, q_end, scores);
+}
+void AttendTileBaseline(const AttentionSequence& seq, int64_t head_offset, int64_t head_dim, int64_t row_stride,
+                        int64_t q_begin, int64_t q_end, float* scores) {
+  AttendTileBody(seq, head_offset, head_dim, row_stride, q_begin, q_end, scores);
+}
+[[gnu::target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]] void LayerNormRowAvx512(const float* x, int64_t dim,
+                                                                                       const float* shift,
+                                                                                       const float* scale, float* y) {
+  LayerNormModulateRow(x, dim, shift, scale, y);
+}
+[[gnu::target("avx2,fma")]] void LayerNormRowAvx2(const float* x, int64_t dim, const float* shift, const float* scale,
+                                                  float* y) {
+  LayerNormModulateRow(x, dim, shift, scale, y);
+}
+void LayerNormRowBaseline(const float* x, int64_t dim, const float* shift, const float* scale, float* y) {
+  LayerNormModulateRow(x, dim, shift, scale, y);
+}
+
+enum class Isa { kAvx512, kAvx2, kBaseline };
+Isa DetectIsa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq")) {
+    return Isa::kAvx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+  return Isa::kBaseline;
+}
+const Isa kIsa = DetectIsa();
+const AttendTileFn kAttendTile = kIsa == Isa::kAvx512 ? AttendTileAvx512
+                                 : kIsa == Isa::kAvx2 ? AttendTileAvx2
+                                                      : AttendTileBaseline;
+const LayerNormRowFn kLayerNormRow = kIsa == Isa::kAvx512 ? LayerNormRowAvx512
+                                     : kIsa == Isa::kAvx2 ? LayerNormRowAvx2
+                                                          : LayerNormRowBaseline;
+
 }  // namespace
 
-[[gnu::target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")]]
-void LayerNormModulate(const float* x, int64_t rows, int64_t dim, const float* shift, const float* scale,
-                       float* out) {
+void LayerNormModulate(const float* x, int64_t rows, int64_t dim, const float* shift, const float* scale, float* out) {
 #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * dim;
-    float* yr = out + r * dim;
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t e = 0; e < dim; ++e) sum += xr[e];
-    const float mean = sum / dim;
-    float sq = 0.0f;
-#pragma omp simd reduction(+ : sq)
-    for (int64_t e = 0; e < dim; ++e) sq += (xr[e] - mean) * (xr[e] - mean);
-    const float inv_std = 1.0f / std::sqrt(sq / dim + kNormEpsilon);
-#pragma omp simd
-    for (int64_t e = 0; e < dim; ++e) yr[e] = (xr[e] - mean) * inv_std * (1.0f + scale[e]) + shift[e];
-  }
+  for (int64_t r = 0; r < rows; ++r) kLayerNormRow(x + r * dim, dim, shift, scale, out + r * dim);
 }
 
 void GatedResidualAdd(const float* y, int64_t rows, int64_t dim, const float* gate, float* x) {
@@ -195,7 +245,7 @@ void Attention(absl::Span<const AttentionSequence> sequences, int64_t heads, int
     const int64_t q_begin = (local % tiles(sequences[s].length())) * kQueryTile;
     const int64_t q_end = std::min(q_begin + kQueryTile, sequences[s].length());
     float* scores = scratch.data() + omp_get_thread_num() * max_length;
-    AttendTile(sequences[s], head * head_dim, head_dim, row_stride, q_begin, q_end, scores);
+    kAttendTile(sequences[s], head * head_dim, head_dim, row_stride, q_begin, q_end, scores);
   }
 }
 

@@ -16,8 +16,7 @@ inline constexpr int64_t kTimestepFeatures = 256;
 // out[r] = LN(x[r]) * (1 + scale) + shift for `rows` rows of width `dim`; LN has no affine
 // weights (eps 1e-6, biased variance). `shift` and `scale` are [dim], shared by all rows.
 // `out` may alias `x`.
-void LayerNormModulate(const float* x, int64_t rows, int64_t dim, const float* shift, const float* scale,
-                       float* out);
+void LayerNormModulate(const float* x, int64_t rows, int64_t dim, const float* shift, const float* scale, float* out);
 
 // x[r] += gate * y[r] for `rows` rows of width `dim`; `gate` is [dim].
 void GatedResidualAdd(const float* y, int64_t rows, int64_t dim, const float* gate, float* x);
@@ -65,7 +64,7 @@ int64_t AttentionScratchFloats(int64_t max_length, int threads);
 
 // For every sequence and head (features [h*hd, (h+1)*hd)): out = softmax(Q K^T / sqrt(hd)) V,
 // no mask. `scratch` holds AttentionScratchFloats(max length, omp_get_max_threads()) floats.
-void Attention(absl::Span<const AttentionSequence> sequences, int64_t heads, int64_t head_dim,
-               int64_t row_stride, absl::Span<float> scratch);
+void Attention(absl::Span<const AttentionSequence> sequences, int64_t heads, int64_t head_dim, int64_t row_stride,
+               absl::Span<float> scratch);
 
 }  // namespace mmdit

@@ -90,10 +90,10 @@ absl::Status Linear::Forward(const float* x, int64_t rows, float* y) {
     const dnnl::engine& engine = context_->engine;
     dnnl::memory src({{rows, in_features_}, dt::f32, tag::ab}, engine, const_cast<float*>(x));
     dnnl::memory dst({{rows, out_features_}, dt::f32, tag::ab}, engine, y);
-    (*primitive)->execute(context_->stream, {{DNNL_ARG_SRC, src},
-                                             {DNNL_ARG_WEIGHTS, packed_weights_},
-                                             {DNNL_ARG_BIAS, bias_},
-                                             {DNNL_ARG_DST, dst}});
+    (*primitive)
+        ->execute(
+            context_->stream,
+            {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, packed_weights_}, {DNNL_ARG_BIAS, bias_}, {DNNL_ARG_DST, dst}});
     context_->stream.wait();
   } catch (const dnnl::error& e) {
     return DnnlError(e, "matmul execution");

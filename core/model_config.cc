@@ -19,8 +19,7 @@ absl::Status KeyError(const std::string& what, const std::string& key, const std
 }
 
 // Reads integer `key`; absent or null leaves `out` alone unless `required`.
-absl::Status ReadInt(const json& root, const std::string& key, bool required, const std::string& what,
-                     int64_t* out) {
+absl::Status ReadInt(const json& root, const std::string& key, bool required, const std::string& what, int64_t* out) {
   const auto it = root.find(key);
   if (it == root.end() || it->is_null()) {
     return required ? KeyError(what, key, "is missing") : absl::OkStatus();
@@ -50,15 +49,15 @@ absl::Status Validate(const ModelConfig& c, const std::string& what) {
   if (c.pos_embed_max_size) RETURN_IF_ERROR(Positive(what, "pos_embed_max_size", *c.pos_embed_max_size));
   if (c.num_attention_heads * c.attention_head_dim != c.caption_projection_dim) {
     return KeyError(what, "caption_projection_dim",
-                    absl::StrCat("is ", c.caption_projection_dim, " but num_attention_heads x attention_head_dim = ",
-                                 c.num_attention_heads, " x ", c.attention_head_dim, " = ",
-                                 c.num_attention_heads * c.attention_head_dim));
+                    absl::StrCat("is ", c.caption_projection_dim,
+                                 " but num_attention_heads x attention_head_dim = ", c.num_attention_heads, " x ",
+                                 c.attention_head_dim, " = ", c.num_attention_heads * c.attention_head_dim));
   }
   const double mlp_width = c.mlp_ratio * c.hidden();
   if (!(c.mlp_ratio > 0) || mlp_width != std::floor(mlp_width)) {
-    return KeyError(what, "mlp_ratio",
-                    absl::StrCat("must be > 0 and give a whole MLP width; ", c.mlp_ratio, " x ", c.hidden(),
-                                 " = ", mlp_width));
+    return KeyError(
+        what, "mlp_ratio",
+        absl::StrCat("must be > 0 and give a whole MLP width; ", c.mlp_ratio, " x ", c.hidden(), " = ", mlp_width));
   }
   for (int64_t layer : c.dual_attention_layers) {
     if (layer < 0 || layer >= c.num_layers) {
@@ -72,8 +71,7 @@ absl::Status Validate(const ModelConfig& c, const std::string& what) {
 }  // namespace
 
 bool ModelConfig::IsDualAttention(int64_t layer) const {
-  return std::find(dual_attention_layers.begin(), dual_attention_layers.end(), layer) !=
-         dual_attention_layers.end();
+  return std::find(dual_attention_layers.begin(), dual_attention_layers.end(), layer) != dual_attention_layers.end();
 }
 
 absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text, const std::string& what) {
@@ -114,7 +112,8 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text, const s
     }
   }
   if (const auto it = root.find("context_pre_only_last"); it != root.end() && !it->is_null()) {
-    if (!it->is_boolean()) return KeyError(what, "context_pre_only_last", absl::StrCat("must be true or false, got ", it->dump()));
+    if (!it->is_boolean())
+      return KeyError(what, "context_pre_only_last", absl::StrCat("must be true or false, got ", it->dump()));
     c.context_pre_only_last = it->get<bool>();
   }
   if (const auto it = root.find("mlp_ratio"); it != root.end() && !it->is_null()) {

@@ -114,8 +114,7 @@ absl::StatusOr<Tensor> ReadNpy(const std::string& path) {
 
 absl::Status WriteNpy(const std::string& path, const TensorView& tensor) {
   // Python tuple syntax: "()", "(3,)", "(3, 4)".
-  std::string shape = absl::StrCat("(", absl::StrJoin(tensor.shape, ", "),
-                                   tensor.shape.size() == 1 ? ",)" : ")");
+  std::string shape = absl::StrCat("(", absl::StrJoin(tensor.shape, ", "), tensor.shape.size() == 1 ? ",)" : ")");
   std::string header = absl::StrCat("{'descr': '<f4', 'fortran_order': False, 'shape': ", shape, ", }");
   // Pad so that the data starts on a 64-byte boundary, header ending in '\n'.
   const size_t unpadded = kMagicSize + 4 + header.size() + 1;

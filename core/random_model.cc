@@ -38,7 +38,7 @@ ModelConfig SeedGeometry(int64_t hidden, int64_t depth, int64_t heads, int64_t s
   c.caption_projection_dim = hidden;
   c.joint_attention_dim = 4096;
   c.pooled_projection_dim = 768;
-  c.sample_size = sample_size;  // img_tokens = sample_size^2
+  c.sample_size = sample_size;      // img_tokens = sample_size^2
   c.context_pre_only_last = false;  // the seed's every block is full
   return c;
 }
@@ -104,8 +104,7 @@ absl::StatusOr<ModelConfig> PresetConfig(const std::string& name) {
       absl::StrCat("unknown preset '", name, "'; presets: ", absl::StrJoin(PresetNames(), ", ")));
 }
 
-absl::Status WriteRandomModel(const std::string& dir, const ModelConfig& config, uint64_t seed,
-                              DType weights_dtype) {
+absl::Status WriteRandomModel(const std::string& dir, const ModelConfig& config, uint64_t seed, DType weights_dtype) {
   RETURN_IF_ERROR(ValidateModelConfig(config));
   std::error_code error;
   std::filesystem::create_directories(dir, error);
@@ -118,19 +117,18 @@ absl::Status WriteRandomModel(const std::string& dir, const ModelConfig& config,
   const std::vector<std::pair<std::string, Shape>> layout = ExpectedTensors(config);
   Random random(seed);
   int64_t fan_in = 1;  // of the last weight matrix: its bias shares the bound
-  return WriteSafetensors(
-      (std::filesystem::path(dir) / "model.safetensors").string(), layout, weights_dtype,
-      [&](size_t i, std::vector<float>& values) {
-        const auto& [name, shape] = layout[i];
-        if (name == "pos_embed.pos_embed") return SinCosPositions(config, values);
-        if (shape.size() == 1 && name.find("norm") != std::string::npos) {  // RMS gammas
-          std::fill(values.begin(), values.end(), 1.0f);
-          return;
-        }
-        if (shape.size() >= 2) fan_in = NumElements(shape) / shape[0];
-        const double bound = 1.0 / std::sqrt(static_cast<double>(fan_in));
-        for (float& v : values) v = static_cast<float>((2.0 * random.Uniform() - 1.0) * bound);
-      });
+  return WriteSafetensors((std::filesystem::path(dir) / "model.safetensors").string(), layout, weights_dtype,
+                          [&](size_t i, std::vector<float>& values) {
+                            const auto& [name, shape] = layout[i];
+                            if (name == "pos_embed.pos_embed") return SinCosPositions(config, values);
+                            if (shape.size() == 1 && name.find("norm") != std::string::npos) {  // RMS gammas
+                              std::fill(values.begin(), values.end(), 1.0f);
+                              return;
+                            }
+                            if (shape.size() >= 2) fan_in = NumElements(shape) / shape[0];
+                            const double bound = 1.0 / std::sqrt(static_cast<double>(fan_in));
+                            for (float& v : values) v = static_cast<float>((2.0 * random.Uniform() - 1.0) * bound);
+                          });
 }
 
 }  // namespace mmdit

@@ -21,7 +21,6 @@ absl::StatusOr<ModelConfig> PresetConfig(const std::string& name);
 // `weights_dtype`) with weights drawn from `seed`: Linear weights and biases uniform in
 // +-1/sqrt(fan_in) (PyTorch's default), RMS gammas 1, and the 2D sin-cos position table SD3
 // uses. The same seed gives the same file. Creates `dir` if needed. Errors: Internal on I/O.
-absl::Status WriteRandomModel(const std::string& dir, const ModelConfig& config, uint64_t seed,
-                              DType weights_dtype);
+absl::Status WriteRandomModel(const std::string& dir, const ModelConfig& config, uint64_t seed, DType weights_dtype);
 
 }  // namespace mmdit

@@ -118,8 +118,8 @@ absl::StatusOr<Entry> ParseEntry(const std::string& name, const json& value, uin
   const uint64_t needed = count * DTypeSize(entry.dtype);
   if (entry.end - entry.begin != needed) {
     return absl::InvalidArgumentError(absl::StrCat(where, ": holds ", entry.end - entry.begin, " bytes but ",
-                                                   DTypeName(entry.dtype), " ", ShapeString(entry.shape),
-                                                   " needs ", needed));
+                                                   DTypeName(entry.dtype), " ", ShapeString(entry.shape), " needs ",
+                                                   needed));
   }
   return entry;
 }
@@ -207,8 +207,8 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<std::pa
   return absl::OkStatus();
 }
 
-absl::Status WriteSafetensors(const std::string& path,
-                              const std::vector<std::pair<std::string, TensorView>>& tensors, DType dtype) {
+absl::Status WriteSafetensors(const std::string& path, const std::vector<std::pair<std::string, TensorView>>& tensors,
+                              DType dtype) {
   std::vector<std::pair<std::string, Shape>> layout;
   for (const auto& [name, tensor] : tensors) layout.emplace_back(name, tensor.shape);
   return WriteSafetensors(path, layout, dtype, [&](size_t i, std::vector<float>& values) {

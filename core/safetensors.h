@@ -28,8 +28,7 @@ absl::StatusOr<TensorMap> ReadSafetensors(const std::string& path);
 absl::StatusOr<TensorMap> ParseSafetensors(std::string_view bytes, const std::string& what);
 
 // Writes `tensors` stored as `dtype`, in the order given. Errors: Internal on I/O failure.
-absl::Status WriteSafetensors(const std::string& path,
-                              const std::vector<std::pair<std::string, TensorView>>& tensors,
+absl::Status WriteSafetensors(const std::string& path, const std::vector<std::pair<std::string, TensorView>>& tensors,
                               DType dtype);
 
 // The same for tensors too large to hold at once: `produce(i, values)` fills the float32

@@ -20,9 +20,7 @@ inline int64_t NumElements(absl::Span<const int64_t> shape) {
 }
 
 // "[2, 4, 8, 8]", for error messages.
-inline std::string ShapeString(absl::Span<const int64_t> shape) {
-  return "[" + absl::StrJoin(shape, ", ") + "]";
-}
+inline std::string ShapeString(absl::Span<const int64_t> shape) { return "[" + absl::StrJoin(shape, ", ") + "]"; }
 
 // Owns its data. Invariant: data.size() == NumElements(shape).
 struct Tensor {

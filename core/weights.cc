@@ -43,7 +43,8 @@ class TensorCatalog {
       if (dual) {
         for (const char* name : {"to_q", "to_k", "to_v", "to_out.0"}) Linear(visit, b + "attn2." + name, d, d);
         if (c_.qk_norm) {
-          for (const char* name : {"norm_q", "norm_k"}) visit(b + "attn2." + name + ".weight", Shape{c_.attention_head_dim});
+          for (const char* name : {"norm_q", "norm_k"})
+            visit(b + "attn2." + name + ".weight", Shape{c_.attention_head_dim});
         }
       }
       Linear(visit, b + "ff.net.0.proj", c_.mlp_hidden(), d);
@@ -85,8 +86,8 @@ class Binder {
     Tensor tensor = std::move(it->second);
     tensors_.erase(it);
     if (tensor.shape != shape) {
-      problems_.push_back(absl::StrCat("'", name, "' has shape ", ShapeString(tensor.shape), ", expected ",
-                                       ShapeString(shape)));
+      problems_.push_back(
+          absl::StrCat("'", name, "' has shape ", ShapeString(tensor.shape), ", expected ", ShapeString(shape)));
       return Tensor(shape);
     }
     return tensor;
@@ -104,9 +105,8 @@ class Binder {
       problems_.push_back(absl::StrCat("unexpected '", name, "' ", ShapeString(tensor.shape)));
     }
     if (problems_.empty()) return absl::OkStatus();
-    return absl::InvalidArgumentError(
-        absl::StrCat("weights do not match the config (", problems_.size(), " problems): ",
-                     absl::StrJoin(problems_, "; ")));
+    return absl::InvalidArgumentError(absl::StrCat("weights do not match the config (", problems_.size(),
+                                                   " problems): ", absl::StrJoin(problems_, "; ")));
   }
 
  private:

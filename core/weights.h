@@ -22,8 +22,8 @@ struct LinearWeights {
 // to_out.0, ff) or the text stream (norm1_context, add_q/k/v_proj, norm_added_q/k,
 // to_add_out, ff_context). Same type, so both run through one code path.
 struct StreamBlockWeights {
-  LinearWeights modulation;            // [6D, D], [9D, D] (dual attention) or [2D, D] (pre-only)
-  LinearWeights q, k, v;               // [D, D] each
+  LinearWeights modulation;              // [6D, D], [9D, D] (dual attention) or [2D, D] (pre-only)
+  LinearWeights q, k, v;                 // [D, D] each
   std::optional<Tensor> q_norm, k_norm;  // RMS gammas [hd], with qk_norm
   std::optional<LinearWeights> out;      // [D, D]; absent in a context-pre-only text stream
   std::optional<LinearWeights> ff_in;    // [mlp, D]
@@ -43,14 +43,14 @@ struct JointBlockWeights {
 };
 
 struct ModelWeights {
-  LinearWeights patch_embed;          // pos_embed.proj as a Linear: [D, C*p*p]
-  std::optional<Tensor> pos_table;    // pos_embed.pos_embed as [M*M, D]
+  LinearWeights patch_embed;             // pos_embed.proj as a Linear: [D, C*p*p]
+  std::optional<Tensor> pos_table;       // pos_embed.pos_embed as [M*M, D]
   LinearWeights timestep_1, timestep_2;  // [D, 256], [D, D]
   LinearWeights pooled_1, pooled_2;      // [D, P], [D, D]
   LinearWeights context_embedder;        // [D, J]
   std::vector<JointBlockWeights> blocks;
-  LinearWeights norm_out;                // [2D, D], chunks scale, shift
-  LinearWeights proj_out;                // [p*p*Co, D]
+  LinearWeights norm_out;  // [2D, D], chunks scale, shift
+  LinearWeights proj_out;  // [p*p*Co, D]
 };
 
 // Takes the tensors `config` needs out of `tensors` (diffusers names).

@@ -15,10 +15,14 @@ constexpr int64_t kMaxDim = int64_t{1} << 31;
 
 std::optional<DType> StorageDType(v1::DType dtype) {
   switch (dtype) {
-    case v1::FP32: return DType::kF32;
-    case v1::FP16: return DType::kF16;
-    case v1::BF16: return DType::kBF16;
-    default: return std::nullopt;
+    case v1::FP32:
+      return DType::kF32;
+    case v1::FP16:
+      return DType::kF16;
+    case v1::BF16:
+      return DType::kBF16;
+    default:
+      return std::nullopt;
   }
 }
 
@@ -30,16 +34,15 @@ absl::StatusOr<Tensor> DecodeTensor(const v1::Tensor& wire, const std::string& f
   }
   const std::optional<DType> dtype = StorageDType(wire.dtype());
   if (!dtype) {
-    return absl::InvalidArgumentError(absl::StrCat(field, ": dtype must be FP32, FP16 or BF16, got ",
-                                                   v1::DType_Name(wire.dtype()).empty()
-                                                       ? std::to_string(wire.dtype())
-                                                       : v1::DType_Name(wire.dtype())));
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, ": dtype must be FP32, FP16 or BF16, got ",
+        v1::DType_Name(wire.dtype()).empty() ? std::to_string(wire.dtype()) : v1::DType_Name(wire.dtype())));
   }
   Shape shape(wire.shape().begin(), wire.shape().end());
   for (int64_t dim : shape) {
     if (dim < 1 || dim > kMaxDim) {
-      return absl::InvalidArgumentError(absl::StrCat(field, ": shape ", ShapeString(shape),
-                                                     dim < 1 ? " is empty" : " has a dimension over 2^31"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ": shape ", ShapeString(shape), dim < 1 ? " is empty" : " has a dimension over 2^31"));
     }
   }
   const int64_t count = NumElements(shape);
@@ -53,8 +56,8 @@ absl::StatusOr<Tensor> DecodeTensor(const v1::Tensor& wire, const std::string& f
   ConvertToFloat(*dtype, wire.data().data(), count, tensor.data.data());
   for (int64_t i = 0; i < count; ++i) {
     if (!std::isfinite(tensor.data[i])) {
-      return absl::InvalidArgumentError(absl::StrCat(field, ": element ", i, " is ",
-                                                     std::isnan(tensor.data[i]) ? "NaN" : "Inf"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ": element ", i, " is ", std::isnan(tensor.data[i]) ? "NaN" : "Inf"));
     }
   }
   return tensor;

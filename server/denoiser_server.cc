@@ -82,7 +82,8 @@ absl::StatusOr<std::string> ReadFile(const std::string& path, const std::string&
 
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(const TlsOptions& tls) {
   if (tls.cert_file.empty() && tls.key_file.empty()) {
-    if (!tls.client_ca_file.empty()) return absl::InvalidArgumentError("--tls_client_ca needs --tls_cert and --tls_key");
+    if (!tls.client_ca_file.empty())
+      return absl::InvalidArgumentError("--tls_client_ca needs --tls_cert and --tls_key");
     return grpc::InsecureServerCredentials();
   }
   if (tls.cert_file.empty() || tls.key_file.empty()) {
@@ -117,8 +118,8 @@ absl::StatusOr<std::vector<WarmupShape>> ParseWarmupShapes(const std::string& sp
     ok = ok && absl::SimpleAtoi(parts.back(), &shape.text_tokens) && shape.text_tokens > 0 &&
          (dims.size() == 2 || dims.size() == 4);
     if (!ok) {
-      return absl::InvalidArgumentError(absl::StrCat("--warmup entry '", entry,
-                                                     "': expected BxCxHxW/T (image form) or BxN/T (token form)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("--warmup entry '", entry, "': expected BxCxHxW/T (image form) or BxN/T (token form)"));
     }
     shape.batch = dims[0];
     shape.img_latent = dims.size() == 4 ? Shape{dims[1], dims[2], dims[3]} : Shape{dims[1], img_dim};
@@ -228,7 +229,8 @@ absl::StatusOr<std::unique_ptr<DenoiserServer>> DenoiserServer::Start(const Serv
   const std::string address = absl::StrCat(options.host.find(':') != std::string::npos ? "[" : "", options.host,
                                            options.host.find(':') != std::string::npos ? "]" : "", ":", options.port);
   builder.AddListeningPort(address, credentials, &server->port_);
-  builder.SetMaxReceiveMessageSize(static_cast<int>(std::min<int64_t>(options.max_receive_message_mb << 20, INT32_MAX)));
+  builder.SetMaxReceiveMessageSize(
+      static_cast<int>(std::min<int64_t>(options.max_receive_message_mb << 20, INT32_MAX)));
   builder.SetMaxSendMessageSize(static_cast<int>(std::min<int64_t>(options.max_receive_message_mb << 20, INT32_MAX)));
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, static_cast<int>(options.keepalive_time_s * 1000));
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10'000);
@@ -247,8 +249,8 @@ absl::StatusOr<std::unique_ptr<DenoiserServer>> DenoiserServer::Start(const Serv
   }
   if (options.metrics_port >= 0) {
     DenoiserServer* self = server.get();
-    ASSIGN_OR_RETURN(server->metrics_http_,
-                     MetricsHttpServer::Start(options.host, options.metrics_port, [self] { return self->RenderMetrics(); }));
+    ASSIGN_OR_RETURN(server->metrics_http_, MetricsHttpServer::Start(options.host, options.metrics_port,
+                                                                     [self] { return self->RenderMetrics(); }));
   }
   return server;
 }
@@ -258,14 +260,15 @@ std::string DenoiserServer::RenderMetrics() const { return metrics_->Render(cloc
 absl::Status DenoiserServer::Serve(std::unique_ptr<Engine> engine, const std::vector<WarmupShape>& warmup) {
   const ModelConfig& c = engine->config();
   for (const WarmupShape& shape : warmup) {
-    const Tensor img(shape.img_latent), txt({shape.text_tokens, c.joint_attention_dim}), pooled({c.pooled_projection_dim});
+    const Tensor img(shape.img_latent), txt({shape.text_tokens, c.joint_attention_dim}),
+        pooled({c.pooled_projection_dim});
     const std::vector<SampleInput> samples(shape.batch, SampleInput{img, txt, 500.0f, pooled});
     const auto start = std::chrono::steady_clock::now();
     auto outputs = engine->Forward(samples);
     if (!outputs.ok()) {
-      return absl::Status(outputs.status().code(), absl::StrCat("warm-up shape ", shape.batch, "x",
-                                                                ShapeString(shape.img_latent), "/", shape.text_tokens,
-                                                                ": ", outputs.status().message()));
+      return absl::Status(outputs.status().code(),
+                          absl::StrCat("warm-up shape ", shape.batch, "x", ShapeString(shape.img_latent), "/",
+                                       shape.text_tokens, ": ", outputs.status().message()));
     }
     spdlog::info("warm-up: {} x {} with {} text tokens in {:.1f} ms", shape.batch, ShapeString(shape.img_latent),
                  shape.text_tokens,
@@ -282,7 +285,8 @@ void DenoiserServer::BatchLoop() {
   while (std::optional<Batch> batch = batcher_.WaitForBatch()) {
     for (BatchEntry& entry : batch->expired) {
       static_cast<DenoiseCall*>(entry.call.get())
-          ->Finish(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "deadline passed while queued; nothing was computed"));
+          ->Finish(
+              grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "deadline passed while queued; nothing was computed"));
     }
     for (BatchEntry& entry : batch->cancelled) {
       static_cast<DenoiseCall*>(entry.call.get())
@@ -357,7 +361,8 @@ void DenoiserServer::Shutdown() {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
   if (batch_thread_.joinable() && !batch_loop_done_.load()) {
-    spdlog::warn("drain timeout ({} s) reached with {} requests queued", options_.drain_timeout_s, batcher_.queue_size());
+    spdlog::warn("drain timeout ({} s) reached with {} requests queued", options_.drain_timeout_s,
+                 batcher_.queue_size());
   }
   shut_down_.store(true);
   server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));

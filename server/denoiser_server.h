@@ -43,10 +43,10 @@ struct TlsOptions {
 };
 
 struct ServerOptions {
-  std::string model_dir;     // reported by GetModelInfo
+  std::string model_dir;  // reported by GetModelInfo
   std::string host = "0.0.0.0";
-  int port = 50051;          // 0: any free port (see DenoiserServer::port())
-  int metrics_port = 9090;   // 0: any free port; < 0: no metrics endpoint
+  int port = 50051;         // 0: any free port (see DenoiserServer::port())
+  int metrics_port = 9090;  // 0: any free port; < 0: no metrics endpoint
   BatcherOptions batcher;
   RequestLimits limits;
   int64_t max_receive_message_mb = 64;
@@ -94,8 +94,8 @@ class DenoiserServer {
   std::unique_ptr<ServerMetrics> metrics_;
   std::atomic<Engine*> engine_{nullptr};  // set once by Serve; owned by owned_engine_
   std::unique_ptr<Engine> owned_engine_;
-  HealthService health_;                   // outlives server_
-  std::unique_ptr<Service> service_;       // outlives server_
+  HealthService health_;              // outlives server_
+  std::unique_ptr<Service> service_;  // outlives server_
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<MetricsHttpServer> metrics_http_;
   int port_ = 0;

@@ -12,18 +12,16 @@ int64_t SteadyClock::NowUs() const {
       .count();
 }
 
-DynamicBatcher::DynamicBatcher(const BatcherOptions& options, const Clock& clock)
-    : options_(options), clock_(clock) {}
+DynamicBatcher::DynamicBatcher(const BatcherOptions& options, const Clock& clock) : options_(options), clock_(clock) {}
 
 absl::Status DynamicBatcher::Enqueue(BatchEntry entry) {
   if (entry.samples > options_.max_batch_samples) {
-    return absl::InvalidArgumentError(absl::StrCat("request has ", entry.samples,
-                                                   " samples; a batch holds at most ", options_.max_batch_samples));
+    return absl::InvalidArgumentError(
+        absl::StrCat("request has ", entry.samples, " samples; a batch holds at most ", options_.max_batch_samples));
   }
   if (options_.max_batch_tokens > 0 && entry.tokens > options_.max_batch_tokens) {
-    return absl::InvalidArgumentError(absl::StrCat("request has ", entry.tokens,
-                                                   " tokens (image + text); a batch holds at most ",
-                                                   options_.max_batch_tokens));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "request has ", entry.tokens, " tokens (image + text); a batch holds at most ", options_.max_batch_tokens));
   }
   {
     std::lock_guard<std::mutex> lock(mutex_);

@@ -32,8 +32,8 @@ class HealthService final : public grpc::health::v1::Health::CallbackService {
   void Forget(Watcher* watcher);
 
   mutable std::mutex mutex_;
-  bool serving_ = false;          // guarded by mutex_
-  std::set<Watcher*> watchers_;   // guarded by mutex_
+  bool serving_ = false;         // guarded by mutex_
+  std::set<Watcher*> watchers_;  // guarded by mutex_
 };
 
 }  // namespace mmdit

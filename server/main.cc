@@ -36,11 +36,29 @@ constexpr char kUsage[] = R"(usage: mmdit-server [--flag value ...]   (or MMDIT_
   --log_level info            trace, debug, info, warn, error
 )";
 
-const std::set<std::string> kFlags = {
-    "model", "host", "port", "metrics_port", "threads", "max_batch_samples", "max_batch_tokens",
-    "max_queue_delay_us", "max_queue_size", "max_samples_per_request", "max_text_tokens", "max_latent_height",
-    "max_latent_width", "max_image_tokens", "warmup", "max_receive_message_mb", "keepalive_time_s",
-    "max_connection_age_s", "drain_timeout_s", "tls_cert", "tls_key", "tls_client_ca", "log_level"};
+const std::set<std::string> kFlags = {"model",
+                                      "host",
+                                      "port",
+                                      "metrics_port",
+                                      "threads",
+                                      "max_batch_samples",
+                                      "max_batch_tokens",
+                                      "max_queue_delay_us",
+                                      "max_queue_size",
+                                      "max_samples_per_request",
+                                      "max_text_tokens",
+                                      "max_latent_height",
+                                      "max_latent_width",
+                                      "max_image_tokens",
+                                      "warmup",
+                                      "max_receive_message_mb",
+                                      "keepalive_time_s",
+                                      "max_connection_age_s",
+                                      "drain_timeout_s",
+                                      "tls_cert",
+                                      "tls_key",
+                                      "tls_client_ca",
+                                      "log_level"};
 
 absl::Status ReadOptions(const Flags& flags, ServerOptions& o) {
   o.host = flags.String("host", o.host);
@@ -53,8 +71,7 @@ absl::Status ReadOptions(const Flags& flags, ServerOptions& o) {
   ASSIGN_OR_RETURN(o.batcher.max_batch_tokens, flags.Int("max_batch_tokens", o.batcher.max_batch_tokens));
   ASSIGN_OR_RETURN(o.batcher.max_queue_delay_us, flags.Int("max_queue_delay_us", o.batcher.max_queue_delay_us));
   ASSIGN_OR_RETURN(o.batcher.max_queue_size, flags.Int("max_queue_size", o.batcher.max_queue_size));
-  ASSIGN_OR_RETURN(o.limits.max_samples_per_request,
-                   flags.Int("max_samples_per_request", o.batcher.max_batch_samples));
+  ASSIGN_OR_RETURN(o.limits.max_samples_per_request, flags.Int("max_samples_per_request", o.batcher.max_batch_samples));
   ASSIGN_OR_RETURN(o.limits.max_text_tokens, flags.Int("max_text_tokens", o.limits.max_text_tokens));
   ASSIGN_OR_RETURN(o.limits.max_latent_height, flags.Int("max_latent_height", o.limits.max_latent_height));
   ASSIGN_OR_RETURN(o.limits.max_latent_width, flags.Int("max_latent_width", o.limits.max_latent_width));
@@ -63,11 +80,13 @@ absl::Status ReadOptions(const Flags& flags, ServerOptions& o) {
   ASSIGN_OR_RETURN(o.keepalive_time_s, flags.Int("keepalive_time_s", o.keepalive_time_s));
   ASSIGN_OR_RETURN(o.max_connection_age_s, flags.Int("max_connection_age_s", o.max_connection_age_s));
   ASSIGN_OR_RETURN(o.drain_timeout_s, flags.Int("drain_timeout_s", o.drain_timeout_s));
-  const std::pair<const char*, int64_t> positive[] = {
-      {"max_batch_samples", o.batcher.max_batch_samples}, {"max_queue_size", o.batcher.max_queue_size},
-      {"max_samples_per_request", o.limits.max_samples_per_request}, {"max_text_tokens", o.limits.max_text_tokens},
-      {"max_image_tokens", o.limits.max_image_tokens}, {"max_receive_message_mb", o.max_receive_message_mb},
-      {"keepalive_time_s", o.keepalive_time_s}};
+  const std::pair<const char*, int64_t> positive[] = {{"max_batch_samples", o.batcher.max_batch_samples},
+                                                      {"max_queue_size", o.batcher.max_queue_size},
+                                                      {"max_samples_per_request", o.limits.max_samples_per_request},
+                                                      {"max_text_tokens", o.limits.max_text_tokens},
+                                                      {"max_image_tokens", o.limits.max_image_tokens},
+                                                      {"max_receive_message_mb", o.max_receive_message_mb},
+                                                      {"keepalive_time_s", o.keepalive_time_s}};
   for (const auto& [name, value] : positive) {
     if (value < 1) return absl::InvalidArgumentError(absl::StrCat("--", name, " must be >= 1, got ", value));
   }
@@ -82,7 +101,7 @@ absl::Status ReadOptions(const Flags& flags, ServerOptions& o) {
 
 // The warm-up shapes: --warmup, or one sample of the model's nominal size.
 absl::StatusOr<std::vector<WarmupShape>> WarmupShapes(const Flags& flags, const ModelConfig& c,
-                                                     const RequestLimits& limits) {
+                                                      const RequestLimits& limits) {
   if (flags.Has("warmup")) return ParseWarmupShapes(flags.String("warmup"), c.patch_features());
   const int64_t text_tokens = std::min<int64_t>(77, limits.max_text_tokens);
   if (c.has_positions()) {
@@ -112,8 +131,8 @@ absl::Status Run(const Flags& flags) {
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
   ASSIGN_OR_RETURN(std::unique_ptr<DenoiserServer> server, DenoiserServer::Start(options));
-  spdlog::info("listening on {}:{} ({}), metrics on {}, health NOT_SERVING until the model is warm",
-               options.host, server->port(), options.tls.cert_file.empty() ? "plaintext" : "TLS",
+  spdlog::info("listening on {}:{} ({}), metrics on {}, health NOT_SERVING until the model is warm", options.host,
+               server->port(), options.tls.cert_file.empty() ? "plaintext" : "TLS",
                server->metrics_port() >= 0 ? absl::StrCat(":", server->metrics_port(), "/metrics") : "off");
 
   const std::string& model_dir = options.model_dir;
@@ -127,18 +146,18 @@ absl::Status Run(const Flags& flags) {
   }
   ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Load(model_dir));
   const ModelConfig& c = engine->config();
-  spdlog::info("model {}: hidden {}, depth {}, heads {}, patch {}, in/out channels {}/{}, position table {}, "
-               "qk_norm {}, {} dual-attention layers; {} engine threads",
-               model_dir, c.hidden(), c.num_layers, c.num_attention_heads, c.patch_size, c.in_channels,
-               c.out_channels, c.pos_embed_max_size.value_or(0), c.qk_norm, c.dual_attention_layers.size(),
-               omp_get_max_threads());
+  spdlog::info(
+      "model {}: hidden {}, depth {}, heads {}, patch {}, in/out channels {}/{}, position table {}, "
+      "qk_norm {}, {} dual-attention layers; {} engine threads",
+      model_dir, c.hidden(), c.num_layers, c.num_attention_heads, c.patch_size, c.in_channels, c.out_channels,
+      c.pos_embed_max_size.value_or(0), c.qk_norm, c.dual_attention_layers.size(), omp_get_max_threads());
   ASSIGN_OR_RETURN(std::vector<WarmupShape> warmup, WarmupShapes(flags, c, options.limits));
   RETURN_IF_ERROR(server->Serve(std::move(engine), warmup));
-  spdlog::info("SERVING: batches of up to {} samples{}, max queue delay {} us, queue {} requests",
-               options.batcher.max_batch_samples,
-               options.batcher.max_batch_tokens > 0 ? absl::StrCat(" / ", options.batcher.max_batch_tokens, " tokens")
-                                                    : "",
-               options.batcher.max_queue_delay_us, options.batcher.max_queue_size);
+  spdlog::info(
+      "SERVING: batches of up to {} samples{}, max queue delay {} us, queue {} requests",
+      options.batcher.max_batch_samples,
+      options.batcher.max_batch_tokens > 0 ? absl::StrCat(" / ", options.batcher.max_batch_tokens, " tokens") : "",
+      options.batcher.max_queue_delay_us, options.batcher.max_queue_size);
 
   int signal_number = 0;
   sigwait(&stop_signals, &signal_number);

@@ -16,9 +16,10 @@ namespace mmdit {
 namespace {
 
 constexpr const char* kCodeNames[17] = {
-    "OK",           "CANCELLED",         "UNKNOWN",  "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
-    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
-    "OUT_OF_RANGE", "UNIMPLEMENTED",     "INTERNAL", "UNAVAILABLE",      "DATA_LOSS",         "UNAUTHENTICATED"};
+    "OK",        "CANCELLED",      "UNKNOWN",           "INVALID_ARGUMENT",   "DEADLINE_EXCEEDED",
+    "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+    "ABORTED",   "OUT_OF_RANGE",   "UNIMPLEMENTED",     "INTERNAL",           "UNAVAILABLE",
+    "DATA_LOSS", "UNAUTHENTICATED"};
 
 std::vector<double> Exponential(double first, double factor, int count) {
   std::vector<double> bounds;
@@ -56,10 +57,10 @@ void Histogram::Render(const std::string& name, std::string& out) const {
 
 ServerMetrics::ServerMetrics(std::function<int64_t()> queue_depth)
     : queue_depth_(std::move(queue_depth)),
-      queue_seconds_(Exponential(100e-6, 2, 16)),    // 100 us .. 3.3 s
-      compute_seconds_(Exponential(1e-3, 2, 14)),    // 1 ms .. 8 s
-      batch_samples_(Exponential(1, 2, 10)),         // 1 .. 512
-      batch_tokens_(Exponential(16, 2, 14)) {}       // 16 .. 131072
+      queue_seconds_(Exponential(100e-6, 2, 16)),  // 100 us .. 3.3 s
+      compute_seconds_(Exponential(1e-3, 2, 14)),  // 1 ms .. 8 s
+      batch_samples_(Exponential(1, 2, 10)),       // 1 .. 512
+      batch_tokens_(Exponential(16, 2, 14)) {}     // 16 .. 131072
 
 void ServerMetrics::CountRequest(int code) {
   if (code >= 0 && code < 17) requests_by_code_[code].fetch_add(1);
@@ -81,7 +82,8 @@ std::string ServerMetrics::Render(double now_s) const {
   std::string out;
   Header(out, "mmdit_requests_total", "counter", "Denoise calls answered, by gRPC status code.");
   for (int code = 0; code < 17; ++code) {
-    absl::StrAppend(&out, "mmdit_requests_total{code=\"", kCodeNames[code], "\"} ", requests_by_code_[code].load(), "\n");
+    absl::StrAppend(&out, "mmdit_requests_total{code=\"", kCodeNames[code], "\"} ", requests_by_code_[code].load(),
+                    "\n");
   }
   Header(out, "mmdit_queue_seconds", "histogram", "Time from arrival to the start of the request's forward pass.");
   queue_seconds_.Render("mmdit_queue_seconds", out);
@@ -108,7 +110,7 @@ std::string ServerMetrics::Render(double now_s) const {
 }
 
 absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(const std::string& host, int port,
-                                                                             std::function<std::string()> render) {
+                                                                            std::function<std::string()> render) {
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
@@ -130,7 +132,8 @@ absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(cons
     }
   }
   ::freeaddrinfo(addresses);
-  if (fd < 0) return absl::InternalError(absl::StrCat("metrics: cannot listen on ", host, ":", port, ": ", std::strerror(errno)));
+  if (fd < 0)
+    return absl::InternalError(absl::StrCat("metrics: cannot listen on ", host, ":", port, ": ", std::strerror(errno)));
   sockaddr_storage bound{};
   socklen_t bound_len = sizeof(bound);
   ::getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &bound_len);

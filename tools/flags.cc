@@ -87,8 +87,8 @@ absl::StatusOr<std::vector<int64_t>> Flags::IntList(const std::string& name) con
   for (absl::string_view part : absl::StrSplit(String(name), ',')) {
     int64_t value;
     if (!absl::SimpleAtoi(part, &value)) {
-      return absl::InvalidArgumentError(absl::StrCat("--", name, " must be comma-separated integers, got '",
-                                                     String(name), "'"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", name, " must be comma-separated integers, got '", String(name), "'"));
     }
     out.push_back(value);
   }

@@ -2,7 +2,8 @@
 //   mmdit forward --model DIR --img_latent A.npy --txt_embed B.npy --timestep C.npy --pooled_text D.npy --out OUT.npy
 //   mmdit inspect --model DIR [--img_tokens N]
 //   mmdit init    --out DIR --preset NAME --seed S [--weights_dtype f32|bf16|f16] [size overrides]
-//   mmdit bench   --model DIR --batch B (--img_tokens N | --latent C,H,W) --txt_tokens T [--iters K] [--warmup W] [--threads N]
+//   mmdit bench   --model DIR --batch B (--img_tokens N | --latent C,H,W) --txt_tokens T [--iters K] [--warmup W]
+//   [--threads N]
 // Exit 0 on success; on error one line on stderr naming the problem, exit 1 (2 for usage).
 #include <omp.h>
 
@@ -110,8 +111,8 @@ absl::Status ApplyOverrides(const Flags& flags, ModelConfig& c) {
     }
     c.in_channels = img_dim / (c.patch_size * c.patch_size);
   }
-  ASSIGN_OR_RETURN(c.out_channels, flags.Int("out_channels", flags.Has("in_channels") || img_dim > 0
-                                                                 ? c.in_channels : c.out_channels));
+  ASSIGN_OR_RETURN(c.out_channels,
+                   flags.Int("out_channels", flags.Has("in_channels") || img_dim > 0 ? c.in_channels : c.out_channels));
   ASSIGN_OR_RETURN(c.num_layers, flags.Int("depth", c.num_layers));
   ASSIGN_OR_RETURN(int64_t heads, flags.Int("num_heads", c.num_attention_heads));
   ASSIGN_OR_RETURN(int64_t hidden, flags.Int("hidden_size", c.hidden()));
@@ -210,10 +211,14 @@ absl::Status Bench(const Flags& flags) {
   }
   const double gflop = ForwardFlops(c, tokens) / 1e9, median = Percentile(times_ms, 0.5);
   const json result = {
-      {"batch", batch},          {"img_shape", img_shape},
-      {"txt_tokens", txt_tokens}, {"threads", omp_get_max_threads()},
-      {"median_ms", median},     {"p10_ms", Percentile(times_ms, 0.1)},
-      {"p90_ms", Percentile(times_ms, 0.9)}, {"gflop_per_forward", gflop},
+      {"batch", batch},
+      {"img_shape", img_shape},
+      {"txt_tokens", txt_tokens},
+      {"threads", omp_get_max_threads()},
+      {"median_ms", median},
+      {"p10_ms", Percentile(times_ms, 0.1)},
+      {"p90_ms", Percentile(times_ms, 0.9)},
+      {"gflop_per_forward", gflop},
       {"gflops", gflop / (median / 1e3)},
   };
   std::cout << result.dump() << "\n";
@@ -230,9 +235,11 @@ int Main(int argc, char** argv) {
   const Command commands[] = {
       {"forward", Forward, {"model", "img_latent", "txt_embed", "timestep", "pooled_text", "out", "threads"}},
       {"inspect", Inspect, {"model", "img_tokens"}},
-      {"init", Init, {"out", "preset", "seed", "weights_dtype", "hidden_size", "depth", "num_heads", "mlp_ratio",
-                      "img_dim", "txt_dim", "cond_dim", "patch_size", "in_channels", "out_channels",
-                      "pos_embed_max_size", "sample_size", "qk_norm"}},
+      {"init",
+       Init,
+       {"out", "preset", "seed", "weights_dtype", "hidden_size", "depth", "num_heads", "mlp_ratio", "img_dim",
+        "txt_dim", "cond_dim", "patch_size", "in_channels", "out_channels", "pos_embed_max_size", "sample_size",
+        "qk_norm"}},
       {"bench", Bench, {"model", "batch", "img_tokens", "latent", "txt_tokens", "iters", "warmup", "threads"}},
   };
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "help") {

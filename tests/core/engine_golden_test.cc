@@ -121,7 +121,8 @@ TEST_P(EngineRejectsTest, NamesFieldAndExpectedShape) {
   ASSERT_TRUE(engine.ok()) << engine.status();
   const BadSampleCase& bad = GetParam();
   const Tensor img = RandomTensor(bad.img, 1), txt = RandomTensor(bad.txt, 2), pooled = RandomTensor(bad.pooled, 3);
-  const Tensor ok_img = RandomTensor({4, 8, 8}, 4), ok_txt = RandomTensor({7, 40}, 5), ok_pooled = RandomTensor({24}, 6);
+  const Tensor ok_img = RandomTensor({4, 8, 8}, 4), ok_txt = RandomTensor({7, 40}, 5),
+               ok_pooled = RandomTensor({24}, 6);
   // A good sample first: the error names the bad one's index and nothing runs.
   auto result = (*engine)->Forward({{ok_img, ok_txt, 10.0f, ok_pooled}, {img, txt, bad.timestep, pooled}});
   ASSERT_EQ(result.status().code(), absl::StatusCode::kInvalidArgument) << bad.description;
@@ -133,9 +134,26 @@ INSTANTIATE_TEST_SUITE_P(
     BadSamples, EngineRejectsTest,
     ::testing::Values(
         BadSampleCase{"wrong channels", {3, 8, 8}, {7, 40}, {24}, 1.0f, "img_latent: expected [C=4, H, W]"},
-        BadSampleCase{"odd height", {4, 7, 8}, {7, 40}, {24}, 1.0f, "img_latent: expected [C=4, H, W] with H and W positive multiples of patch_size 2, got [4, 7, 8]"},
-        BadSampleCase{"beyond the table", {4, 8, 18}, {7, 40}, {24}, 1.0f, "img_latent: [4, 8, 18] is a 4x9 patch grid; the position table allows at most 8x8 (H and W <= 16)"},
-        BadSampleCase{"token form with a table", {16, 16}, {7, 40}, {24}, 1.0f, "img_latent: token form [16, 16] needs a model without a position table; send [C=4, H, W]"},
+        BadSampleCase{
+            "odd height",
+            {4, 7, 8},
+            {7, 40},
+            {24},
+            1.0f,
+            "img_latent: expected [C=4, H, W] with H and W positive multiples of patch_size 2, got [4, 7, 8]"},
+        BadSampleCase{
+            "beyond the table",
+            {4, 8, 18},
+            {7, 40},
+            {24},
+            1.0f,
+            "img_latent: [4, 8, 18] is a 4x9 patch grid; the position table allows at most 8x8 (H and W <= 16)"},
+        BadSampleCase{"token form with a table",
+                      {16, 16},
+                      {7, 40},
+                      {24},
+                      1.0f,
+                      "img_latent: token form [16, 16] needs a model without a position table; send [C=4, H, W]"},
         BadSampleCase{"rank 1 latent", {16}, {7, 40}, {24}, 1.0f, "img_latent: expected"},
         BadSampleCase{"text width", {4, 8, 8}, {7, 41}, {24}, 1.0f, "txt_embed: expected [T >= 1, 40]"},
         BadSampleCase{"no text", {4, 8, 8}, {0, 40}, {24}, 1.0f, "txt_embed: expected [T >= 1, 40]"},
@@ -143,7 +161,8 @@ INSTANTIATE_TEST_SUITE_P(
         BadSampleCase{"NaN timestep", {4, 8, 8}, {7, 40}, {24}, NAN, "timestep: must be finite"}),
     [](const auto& info) {
       std::string name = info.param.description;
-      for (char& ch : name) if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+      for (char& ch : name)
+        if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
       return name;
     });
 

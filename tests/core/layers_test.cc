@@ -27,7 +27,8 @@ TEST(LayerNormModulate, MatchesNaiveLoop) {
     for (int64_t e = 0; e < dim; ++e) mean += x.data[r * dim + e] / dim;
     for (int64_t e = 0; e < dim; ++e) var += std::pow(x.data[r * dim + e] - mean, 2) / dim;
     for (int64_t e = 0; e < dim; ++e) {
-      naive.data[r * dim + e] = (x.data[r * dim + e] - mean) / std::sqrt(var + 1e-6) * (1 + scale.data[e]) + shift.data[e];
+      naive.data[r * dim + e] =
+          (x.data[r * dim + e] - mean) / std::sqrt(var + 1e-6) * (1 + scale.data[e]) + shift.data[e];
     }
   }
   EXPECT_LE(MaxAbsDiff(out, naive), kTolerance);
@@ -124,7 +125,8 @@ TEST(AddCroppedPositions, AddsTheCentredWindowOfTheTable) {
   Tensor naive = tokens;
   for (int64_t i = 0; i < gh; ++i)
     for (int64_t j = 0; j < gw; ++j)
-      for (int64_t e = 0; e < dim; ++e) naive.data[(i * gw + j) * dim + e] += table.data[((1 + i) * m + 1 + j) * dim + e];
+      for (int64_t e = 0; e < dim; ++e)
+        naive.data[(i * gw + j) * dim + e] += table.data[((1 + i) * m + 1 + j) * dim + e];
   AddCroppedPositions(table.data.data(), m, gh, gw, dim, tokens.data.data());
   EXPECT_EQ(tokens.data, naive.data);
 }
@@ -149,7 +151,8 @@ void NaiveAttention(const std::vector<const Tensor*>& q, const std::vector<const
       for (double& s : scores) sum += (s = std::exp(s - max));
       for (int64_t e = 0; e < hd; ++e) {
         double acc = 0;
-        for (size_t j = 0; j < rows.size(); ++j) acc += scores[j] / sum * v[rows[j].first]->data[rows[j].second * dim + h * hd + e];
+        for (size_t j = 0; j < rows.size(); ++j)
+          acc += scores[j] / sum * v[rows[j].first]->data[rows[j].second * dim + h * hd + e];
         out[qs]->data[qr * dim + h * hd + e] = acc;
       }
     }

@@ -65,7 +65,8 @@ TEST(ModelConfig, RejectsInconsistentConfigsNamingTheKey) {
   const struct {
     std::string json, message;
   } cases[] = {
-      {With("caption_projection_dim", "1000"), "'caption_projection_dim' is 1000 but num_attention_heads x attention_head_dim = 24 x 64 = 1536"},
+      {With("caption_projection_dim", "1000"),
+       "'caption_projection_dim' is 1000 but num_attention_heads x attention_head_dim = 24 x 64 = 1536"},
       {With("num_layers", "0"), "'num_layers' must be >= 1, got 0"},
       {With("patch_size", "\"2\""), "'patch_size' must be an integer, got \"2\""},
       {With("in_channels", ""), "'in_channels' is missing"},

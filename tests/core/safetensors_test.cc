@@ -43,23 +43,22 @@ INSTANTIATE_TEST_SUITE_P(
         MalformedCase{"huge header length", std::string("\xff\xff\xff\xff\xff\xff\xff\xff{}", 10), "runs past the end"},
         MalformedCase{"malformed JSON", File("{\"a\": ", 0), "header is not a JSON object"},
         MalformedCase{"JSON not an object", File("[1, 2]", 0), "header is not a JSON object"},
-        MalformedCase{"unknown dtype",
-                      File(R"({"w": {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]}})", 16),
+        MalformedCase{"unknown dtype", File(R"({"w": {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]}})", 16),
                       "tensor 'w': dtype I64 is not supported"},
         MalformedCase{"negative dim", File(R"({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}})", 4),
                       "shape entry must be a non-negative integer"},
         MalformedCase{"offsets beyond data",
                       File(R"({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})", 8),
                       "outside the data area of 8 bytes"},
-        MalformedCase{"begin after end",
-                      File(R"({"w": {"dtype": "F32", "shape": [0], "data_offsets": [8, 4]}})", 8),
+        MalformedCase{"begin after end", File(R"({"w": {"dtype": "F32", "shape": [0], "data_offsets": [8, 4]}})", 8),
                       "outside the data area"},
         MalformedCase{"size not matching shape",
                       File(R"({"w": {"dtype": "F16", "shape": [2, 3], "data_offsets": [0, 8]}})", 8),
                       "holds 8 bytes but F16 [2, 3] needs 12"},
         MalformedCase{"overlap",
                       File(R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                               "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}})", 12),
+                               "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}})",
+                           12),
                       "tensors 'a' and 'b' overlap"},
         MalformedCase{"missing offsets", File(R"({"w": {"dtype": "F32", "shape": [2]}})", 8),
                       "data_offsets must be [begin, end]"},
@@ -68,7 +67,8 @@ INSTANTIATE_TEST_SUITE_P(
                       "is too large"}),
     [](const auto& info) {
       std::string name = info.param.description;
-      for (char& ch : name) if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+      for (char& ch : name)
+        if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
       return name;
     });
 

@@ -123,7 +123,8 @@ TensorMap ToStabilityNames(const TensorMap& diffusers, int64_t layers, bool pre_
   TensorMap out;
   for (const char* suffix : {".weight", ".bias"}) {
     for (const auto& [from, to] : renames) out[prefix + to + suffix] = diffusers.at(from + suffix);
-    out[prefix + "final_layer.adaLN_modulation.1" + suffix] = swap_halves(diffusers.at(std::string("norm_out.linear") + suffix));
+    out[prefix + "final_layer.adaLN_modulation.1" + suffix] =
+        swap_halves(diffusers.at(std::string("norm_out.linear") + suffix));
     for (int64_t i = 0; i < layers; ++i) {
       const std::string d = "transformer_blocks." + std::to_string(i) + ".";
       const std::string s = prefix + "joint_blocks." + std::to_string(i) + ".";
@@ -160,7 +161,8 @@ class StabilityLayoutTest : public ::testing::TestWithParam<std::tuple<std::stri
 TEST_P(StabilityLayoutTest, LoadsAndGivesTheSameOutputsAsDiffusersNames) {
   const auto& [golden, prefix] = GetParam();
   const ModelConfig config = GoldenConfig(golden);
-  const TensorMap stability = ToStabilityNames(GoldenTensors(golden), config.num_layers, config.context_pre_only_last, prefix);
+  const TensorMap stability =
+      ToStabilityNames(GoldenTensors(golden), config.num_layers, config.context_pre_only_last, prefix);
   EXPECT_EQ(ToDiffusersNames(stability, config.hidden()).size(), GoldenTensors(golden).size());
   const std::vector<Tensor> expected = RunGolden(GoldenDir(golden), golden);
   const std::vector<Tensor> actual = RunGolden(WriteModelDir(golden, stability), golden);
@@ -185,8 +187,10 @@ TEST(Checkpoint, ReadsDiffusersShardsThroughTheIndex) {
     index["weight_map"][name] = "diffusion_pytorch_model-0000" + std::to_string(which + 1) + "-of-00002.safetensors";
   }
   for (int s = 0; s < 2; ++s) {
-    ASSERT_TRUE(WriteSafetensors(dir + "/diffusion_pytorch_model-0000" + std::to_string(s + 1) + "-of-00002.safetensors",
-                                 shard[s], DType::kF32).ok());
+    ASSERT_TRUE(
+        WriteSafetensors(dir + "/diffusion_pytorch_model-0000" + std::to_string(s + 1) + "-of-00002.safetensors",
+                         shard[s], DType::kF32)
+            .ok());
   }
   std::ofstream(dir + "/diffusion_pytorch_model.safetensors.index.json") << index.dump();
   const std::vector<Tensor> expected = RunGolden(GoldenDir("sd3_tiny"), "sd3_tiny");

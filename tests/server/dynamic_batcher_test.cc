@@ -41,7 +41,8 @@ class DynamicBatcherTest : public ::testing::Test {
   }
   FakeClock clock;
   std::vector<std::shared_ptr<FakeCall>> calls;
-  BatcherOptions options{.max_batch_samples = 4, .max_batch_tokens = 0, .max_queue_delay_us = 1000, .max_queue_size = 5};
+  BatcherOptions options{
+      .max_batch_samples = 4, .max_batch_tokens = 0, .max_queue_delay_us = 1000, .max_queue_size = 5};
 };
 
 TEST_F(DynamicBatcherTest, WaitsUntilTheOldestRequestHasWaitedMaxQueueDelay) {

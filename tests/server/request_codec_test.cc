@@ -38,8 +38,11 @@ class RequestCodecTest : public ::testing::TestWithParam<BadRequestCase> {
   static void SetUpTestSuite() { engine_ = Engine::Load(GoldenDir("sd3_tiny"))->release(); }
   static void TearDownTestSuite() { delete engine_; }
   static Engine* engine_;
-  RequestLimits limits{.max_samples_per_request = 4, .max_text_tokens = 16, .max_latent_height = 0,
-                       .max_latent_width = 0, .max_image_tokens = 1000};
+  RequestLimits limits{.max_samples_per_request = 4,
+                       .max_text_tokens = 16,
+                       .max_latent_height = 0,
+                       .max_latent_width = 0,
+                       .max_image_tokens = 1000};
 };
 Engine* RequestCodecTest::engine_ = nullptr;
 
@@ -89,24 +92,36 @@ INSTANTIATE_TEST_SUITE_P(
         BadRequestCase{"Inf", [](auto& r) { SetFloat(r.mutable_img_latent(), 7, INFINITY); },
                        "img_latent: element 7 is Inf"},
         BadRequestCase{"channels do not fit the model",
-                       [](auto& r) { EncodeTensor(RandomTensor({2, 3, 8, 8}, 4), v1::FP32, r.mutable_img_latent()); },
+                       [](auto& r) {
+                         EncodeTensor(RandomTensor({2, 3, 8, 8}, 4), v1::FP32, r.mutable_img_latent());
+                       },
                        "img_latent: expected [C=4, H, W]"},
         BadRequestCase{"H not a multiple of the patch",
-                       [](auto& r) { EncodeTensor(RandomTensor({2, 4, 7, 8}, 4), v1::FP32, r.mutable_img_latent()); },
+                       [](auto& r) {
+                         EncodeTensor(RandomTensor({2, 4, 7, 8}, 4), v1::FP32, r.mutable_img_latent());
+                       },
                        "multiples of patch_size 2"},
         BadRequestCase{"beyond the position table",
-                       [](auto& r) { EncodeTensor(RandomTensor({2, 4, 8, 18}, 4), v1::FP32, r.mutable_img_latent()); },
+                       [](auto& r) {
+                         EncodeTensor(RandomTensor({2, 4, 8, 18}, 4), v1::FP32, r.mutable_img_latent());
+                       },
                        "img_latent: latent 8x18 exceeds this server's maximum 16x16"},
-        BadRequestCase{"text width", [](auto& r) { EncodeTensor(RandomTensor({2, 7, 41}, 4), v1::FP32, r.mutable_txt_embed()); },
+        BadRequestCase{"text width",
+                       [](auto& r) {
+                         EncodeTensor(RandomTensor({2, 7, 41}, 4), v1::FP32, r.mutable_txt_embed());
+                       },
                        "sample 0: txt_embed: expected [T >= 1, 40]"},
         BadRequestCase{"too many text tokens",
-                       [](auto& r) { EncodeTensor(RandomTensor({2, 17, 40}, 4), v1::FP32, r.mutable_txt_embed()); },
+                       [](auto& r) {
+                         EncodeTensor(RandomTensor({2, 17, 40}, 4), v1::FP32, r.mutable_txt_embed());
+                       },
                        "txt_embed: 17 text tokens; this server takes at most 16"},
         BadRequestCase{"too many samples", [](auto& r) { r = ValidRequest(5); },
                        "img_latent: batch of 5 samples; this server takes at most 4 per request"}),
     [](const auto& info) {
       std::string name = info.param.description;
-      for (char& ch : name) if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+      for (char& ch : name)
+        if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
       return name;
     });
 

@@ -1,6 +1,4 @@
 // The service end to end over loopback: an in-process server on port 0 and real clients.
-#include "server/denoiser_server.h"
-
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -8,6 +6,7 @@
 
 #include "core/batch.h"
 #include "mmdit_test/reflection.pb.h"
+#include "server/denoiser_server.h"
 #include "tests/server/server_test_util.h"
 
 namespace mmdit {
@@ -72,9 +71,9 @@ TEST(DenoiserServer, ConcurrentCallersOfDifferentShapesShareForwardPassesAndGetT
   auto server = StartServer(options);
   auto client = ClientFor(*server);
   const std::vector<Inputs> inputs = {
-      RandomSd3TinyInputs(1, 8, 8, 7, 10),   RandomSd3TinyInputs(2, 4, 6, 3, 20),
+      RandomSd3TinyInputs(1, 8, 8, 7, 10),    RandomSd3TinyInputs(2, 4, 6, 3, 20),
       RandomSd3TinyInputs(1, 16, 16, 12, 30), RandomSd3TinyInputs(3, 2, 16, 1, 40),
-      RandomSd3TinyInputs(1, 6, 10, 9, 50),  RandomSd3TinyInputs(2, 8, 8, 7, 60),
+      RandomSd3TinyInputs(1, 6, 10, 9, 50),   RandomSd3TinyInputs(2, 8, 8, 7, 60),
   };
   std::vector<std::unique_ptr<testing::AsyncCall>> calls;
   for (const Inputs& in : inputs) calls.push_back(StartDenoise(*client, in));
@@ -171,10 +170,14 @@ TEST(DenoiserServer, MalformedRequestsAreInvalidArgumentAndHarmNoBatchMate) {
   with([](auto& r) { r.mutable_img_latent()->set_shape(2, 7); }, "img_latent:");
   with([](auto& r) { r.mutable_txt_embed()->mutable_data()->pop_back(); }, "txt_embed:");
   with([](auto& r) { r.clear_timestep(); }, "timestep: missing");
-  with([](auto& r) { std::memset(r.mutable_pooled_text()->mutable_data()->data(), 0xff, 4); }, "pooled_text: element 0 is NaN");
+  with([](auto& r) { std::memset(r.mutable_pooled_text()->mutable_data()->data(), 0xff, 4); },
+       "pooled_text: element 0 is NaN");
   with([](auto& r) { r.mutable_img_latent()->set_dtype(static_cast<v1::DType>(42)); }, "img_latent: dtype");
-  with([](auto& r) { EncodeTensor(testing::RandomTensor({1, 17, 40}, 1), v1::FP32, r.mutable_txt_embed()); },
-       "txt_embed: 17 text tokens");
+  with(
+      [](auto& r) {
+        EncodeTensor(testing::RandomTensor({1, 17, 40}, 1), v1::FP32, r.mutable_txt_embed());
+      },
+      "txt_embed: 17 text tokens");
   for (const auto& [request, message] : bad) {
     v1::DenoiseResponse response;
     grpc::ClientContext context;

@@ -19,13 +19,20 @@ const std::string& CertificateDir() {
     const std::string d = testing::MakeTempDir("tls");
     const std::string key = " -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes ";
     const std::string script =
-        "cd " + d + " && set -e && exec >openssl.log 2>&1 && "
-        "openssl req -x509" + key + "-keyout ca.key -out ca.crt -days 2 -subj /CN=mmdit-test-ca && "
-        "openssl req" + key + "-keyout server.key -out server.csr -subj /CN=localhost && "
+        "cd " + d +
+        " && set -e && exec >openssl.log 2>&1 && "
+        "openssl req -x509" +
+        key +
+        "-keyout ca.key -out ca.crt -days 2 -subj /CN=mmdit-test-ca && "
+        "openssl req" +
+        key +
+        "-keyout server.key -out server.csr -subj /CN=localhost && "
         "echo subjectAltName=DNS:localhost,IP:127.0.0.1 > san.ext && "
         "openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 "
         "-extfile san.ext && "
-        "openssl req" + key + "-keyout client.key -out client.csr -subj /CN=mmdit-test-client && "
+        "openssl req" +
+        key +
+        "-keyout client.key -out client.csr -subj /CN=mmdit-test-client && "
         "openssl x509 -req -in client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out client.crt -days 2";
     return std::system(("bash -c '" + script + "'").c_str()) == 0 ? d : std::string();
   }();
@@ -57,9 +64,9 @@ TEST_F(TlsTest, MutualTlsAcceptsASignedClientAndRefusesOneWithoutACertificate) {
   ServerOptions options;
   options.tls = {Path("server.crt"), Path("server.key"), Path("ca.crt")};
   auto server = StartServer(options);
-  auto with_certificate = Call(*server, {.tls_ca_file = Path("ca.crt"),
-                                         .tls_cert_file = Path("client.crt"),
-                                         .tls_key_file = Path("client.key")});
+  auto with_certificate =
+      Call(*server,
+           {.tls_ca_file = Path("ca.crt"), .tls_cert_file = Path("client.crt"), .tls_key_file = Path("client.key")});
   EXPECT_TRUE(with_certificate.ok()) << with_certificate.status();
   auto without = Call(*server, {.tls_ca_file = Path("ca.crt")});
   EXPECT_EQ(without.status().code(), absl::StatusCode::kUnavailable) << without.status();

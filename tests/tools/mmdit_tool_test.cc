@@ -71,8 +71,8 @@ TEST(MmditTool, ForwardFailsWithOneLineNamingTheProblem) {
 TEST(MmditTool, InitInspectAndBenchASmallPreset) {
   const std::string dir = testing::MakeTempDir("tool") + "/model";
   ToolRun run = Mmdit("init --out " + dir +
-                  " --preset sd35-medium --seed 7 --depth 2 --hidden_size 64 --num_heads 2 --txt_dim 32 "
-                  "--cond_dim 16 --pos_embed_max_size 16 --weights_dtype bf16");
+                      " --preset sd35-medium --seed 7 --depth 2 --hidden_size 64 --num_heads 2 --txt_dim 32 "
+                      "--cond_dim 16 --pos_embed_max_size 16 --weights_dtype bf16");
   ASSERT_EQ(run.exit_code, 0) << run.output;
   run = Mmdit("inspect --model " + dir + " --img_tokens 64");
   ASSERT_EQ(run.exit_code, 0) << run.output;
@@ -98,7 +98,8 @@ TEST(MmditTool, InitInspectAndBenchASmallPreset) {
 
   // The same seed writes the same weights.
   const std::string again = dir + "_again";
-  Mmdit("init --out " + again + " --preset sd35-medium --seed 7 --depth 2 --hidden_size 64 --num_heads 2 "
+  Mmdit("init --out " + again +
+        " --preset sd35-medium --seed 7 --depth 2 --hidden_size 64 --num_heads 2 "
         "--txt_dim 32 --cond_dim 16 --pos_embed_max_size 16 --weights_dtype bf16");
   std::ifstream a(dir + "/model.safetensors", std::ios::binary), b(again + "/model.safetensors", std::ios::binary);
   EXPECT_TRUE(std::equal(std::istreambuf_iterator<char>(a), {}, std::istreambuf_iterator<char>(b)));
