@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "absl/strings/numbers.h"
+#include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "core/status_macros.h"
@@ -20,11 +21,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-constexpr const char* kCodeNames[17] = {
-    "OK",        "CANCELLED",      "UNKNOWN",           "INVALID_ARGUMENT",   "DEADLINE_EXCEEDED",
-    "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
-    "ABORTED",   "OUT_OF_RANGE",   "UNIMPLEMENTED",     "INTERNAL",           "UNAVAILABLE",
-    "DATA_LOSS", "UNAUTHENTICATED"};
 
 double Percentile(std::vector<double>& sorted, double q) {
   if (sorted.empty()) return 0;
@@ -113,7 +109,7 @@ class LoadState {
     std::lock_guard<std::mutex> lock(mutex_);
     ++answered_;
     if (!status.ok()) {
-      ++errors_[kCodeNames[std::clamp<int>(status.error_code(), 0, 16)]];
+      ++errors_[absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code()))];
       return;
     }
     ++ok_;

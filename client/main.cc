@@ -16,6 +16,7 @@
 #include "client/load_generator.h"
 #include "core/npy.h"
 #include "core/status_macros.h"
+#include "tools/batch_inputs.h"
 #include "tools/flags.h"
 
 namespace mmdit {
@@ -31,15 +32,6 @@ constexpr char kUsage[] =
     "          --txt_tokens T [--batch B] [--mix W@CxHxW/T;W@N/T] [--dtype f32|bf16|f16] [--json]\n"
     "  TLS:    --tls_ca FILE [--tls_cert FILE --tls_key FILE] [--tls_server_name NAME]\n";
 
-const char* CodeName(absl::StatusCode code) {
-  static constexpr const char* kNames[17] = {
-      "OK",        "CANCELLED",      "UNKNOWN",           "INVALID_ARGUMENT",   "DEADLINE_EXCEEDED",
-      "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
-      "ABORTED",   "OUT_OF_RANGE",   "UNIMPLEMENTED",     "INTERNAL",           "UNAVAILABLE",
-      "DATA_LOSS", "UNAUTHENTICATED"};
-  const int index = static_cast<int>(code);
-  return index >= 0 && index < 17 ? kNames[index] : "UNKNOWN";
-}
 
 absl::StatusOr<v1::DType> WireDType(const Flags& flags) {
   const std::string name = flags.String("dtype", "f32");
@@ -88,15 +80,10 @@ absl::Status Info(const Flags& flags) {
 absl::Status Denoise(const Flags& flags) {
   ASSIGN_OR_RETURN(v1::DType dtype, WireDType(flags));
   ASSIGN_OR_RETURN(std::string out_path, flags.RequiredString("out"));
-  Tensor inputs[4];
-  const char* names[4] = {"img_latent", "txt_embed", "timestep", "pooled_text"};
-  for (int i = 0; i < 4; ++i) {
-    ASSIGN_OR_RETURN(std::string path, flags.RequiredString(names[i]));
-    ASSIGN_OR_RETURN(inputs[i], ReadNpy(path));
-  }
+  ASSIGN_OR_RETURN(BatchInputs inputs, ReadBatchInputs(flags));
   ASSIGN_OR_RETURN(auto client, Connect(flags));
-  ASSIGN_OR_RETURN(DenoiseResult result,
-                   client->Denoise({inputs[0], inputs[1], inputs[2], inputs[3], ""}, dtype, Timeout(flags)));
+  const DenoiseInputs request{inputs.img_latent, inputs.txt_embed, inputs.timestep, inputs.pooled_text, ""};
+  ASSIGN_OR_RETURN(DenoiseResult result, client->Denoise(request, dtype, Timeout(flags)));
   std::cerr << "queue " << result.queue_us << " us, compute " << result.compute_us << " us, batch of "
             << result.batch_samples << " samples\n";
   return WriteNpy(out_path, result.prediction);
@@ -177,7 +164,7 @@ int Main(int argc, char** argv) {
     }
     const absl::Status status = command.run(*flags);
     if (status.ok()) return 0;
-    std::cerr << CodeName(status.code()) << ": " << status.message() << "\n";
+    std::cerr << absl::StatusCodeToString(status.code()) << ": " << status.message() << "\n";
     return 1;
   }
   std::cerr << "mmdit-client: unknown command '" << argv[1] << "'\n" << kUsage;

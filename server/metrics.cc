@@ -10,16 +10,12 @@
 #include <algorithm>
 #include <cstring>
 
+#include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 
 namespace mmdit {
 namespace {
 
-constexpr const char* kCodeNames[17] = {
-    "OK",        "CANCELLED",      "UNKNOWN",           "INVALID_ARGUMENT",   "DEADLINE_EXCEEDED",
-    "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
-    "ABORTED",   "OUT_OF_RANGE",   "UNIMPLEMENTED",     "INTERNAL",           "UNAVAILABLE",
-    "DATA_LOSS", "UNAUTHENTICATED"};
 
 std::vector<double> Exponential(double first, double factor, int count) {
   std::vector<double> bounds;
@@ -82,7 +78,7 @@ std::string ServerMetrics::Render(double now_s) const {
   std::string out;
   Header(out, "mmdit_requests_total", "counter", "Denoise calls answered, by gRPC status code.");
   for (int code = 0; code < 17; ++code) {
-    absl::StrAppend(&out, "mmdit_requests_total{code=\"", kCodeNames[code], "\"} ", requests_by_code_[code].load(),
+    absl::StrAppend(&out, "mmdit_requests_total{code=\"", absl::StatusCodeToString(static_cast<absl::StatusCode>(code)), "\"} ", requests_by_code_[code].load(),
                     "\n");
   }
   Header(out, "mmdit_queue_seconds", "histogram", "Time from arrival to the start of the request's forward pass.");

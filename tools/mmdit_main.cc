@@ -21,6 +21,7 @@
 #include "core/random_model.h"
 #include "core/status_macros.h"
 #include "nlohmann/json.hpp"
+#include "tools/batch_inputs.h"
 #include "tools/flags.h"
 
 namespace mmdit {
@@ -50,13 +51,9 @@ absl::Status Forward(const Flags& flags) {
   RETURN_IF_ERROR(SetThreads(flags));
   ASSIGN_OR_RETURN(std::string model_dir, flags.RequiredString("model"));
   ASSIGN_OR_RETURN(std::string out_path, flags.RequiredString("out"));
-  Tensor inputs[4];
-  const char* names[4] = {"img_latent", "txt_embed", "timestep", "pooled_text"};
-  for (int i = 0; i < 4; ++i) {
-    ASSIGN_OR_RETURN(std::string path, flags.RequiredString(names[i]));
-    ASSIGN_OR_RETURN(inputs[i], ReadNpy(path));
-  }
-  ASSIGN_OR_RETURN(std::vector<SampleInput> samples, SplitBatch(inputs[0], inputs[1], inputs[2], inputs[3]));
+  ASSIGN_OR_RETURN(BatchInputs inputs, ReadBatchInputs(flags));
+  ASSIGN_OR_RETURN(std::vector<SampleInput> samples,
+                   SplitBatch(inputs.img_latent, inputs.txt_embed, inputs.timestep, inputs.pooled_text));
   ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Load(model_dir));
   ASSIGN_OR_RETURN(std::vector<Tensor> outputs, engine->Forward(samples));
   ASSIGN_OR_RETURN(Tensor stacked, StackBatch(outputs));
