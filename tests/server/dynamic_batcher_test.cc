@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <set>
+#include <thread>
 
 namespace mmdit {
 namespace {
@@ -139,6 +141,49 @@ TEST_F(DynamicBatcherTest, CloseRefusesNewRequestsAndFlushesTheQueueWithoutWaiti
   ASSERT_TRUE(second.has_value());
   EXPECT_EQ(Ids(second->run), (std::vector<int>{2}));
   EXPECT_FALSE(batcher.WaitForBatch().has_value());  // closed and empty
+}
+
+// Real threads, no gRPC: what the ThreadSanitizer build checks of the batcher's locking.
+// Four producers enqueue (some of their calls cancel themselves), one consumer takes batches
+// until the batcher is closed and empty; every entry comes out exactly once.
+TEST(DynamicBatcherThreads, ConcurrentProducersAndAConsumerLoseAndDuplicateNothing) {
+  SteadyClock clock;
+  DynamicBatcher batcher({.max_batch_samples = 8, .max_batch_tokens = 0, .max_queue_delay_us = 200,
+                          .max_queue_size = 100000},
+                         clock);
+  constexpr int kProducers = 4, kPerProducer = 500;
+  std::vector<std::shared_ptr<FakeCall>> calls;
+  for (int i = 0; i < kProducers * kPerProducer; ++i) calls.push_back(std::make_shared<FakeCall>(i));
+  std::multiset<int> run, cancelled;
+  std::thread consumer([&] {
+    while (std::optional<Batch> batch = batcher.WaitForBatch()) {
+      int64_t samples = 0;
+      for (const BatchEntry& e : batch->run) {
+        run.insert(static_cast<const FakeCall*>(e.call.get())->id);
+        samples += e.samples;
+      }
+      EXPECT_LE(samples, 8);
+      for (const BatchEntry& e : batch->cancelled) cancelled.insert(static_cast<const FakeCall*>(e.call.get())->id);
+    }
+  });
+  std::vector<std::thread> producers;
+  for (int p = 0; p < kProducers; ++p) {
+    producers.emplace_back([&, p] {
+      for (int i = p * kPerProducer; i < (p + 1) * kPerProducer; ++i) {
+        BatchEntry entry;
+        entry.samples = 1 + i % 3;
+        entry.call = calls[i];
+        ASSERT_TRUE(batcher.Enqueue(std::move(entry)).ok());
+        if (i % 7 == 0) calls[i]->cancelled = true;  // may land before or after its batch forms
+      }
+    });
+  }
+  for (std::thread& t : producers) t.join();
+  batcher.Close();
+  consumer.join();
+  EXPECT_EQ(run.size() + cancelled.size(), calls.size());
+  for (const auto& call : calls) EXPECT_EQ(run.count(call->id) + cancelled.count(call->id), 1u) << call->id;
+  for (int id : cancelled) EXPECT_EQ(id % 7, 0);
 }
 
 }  // namespace

@@ -32,8 +32,12 @@ class ServerProcess {
       std::vector<char*> argv = {const_cast<char*>(MMDIT_SERVER_PATH)};
       for (const std::string& arg : args) argv.push_back(const_cast<char*>(arg.c_str()));
       argv.push_back(nullptr);
+      std::vector<std::string> child_environment = environment;
+      for (const char* inherited : {"OMP_NUM_THREADS", "TSAN_OPTIONS"}) {  // test settings, sanitizer runs
+        if (const char* value = std::getenv(inherited)) child_environment.push_back(std::string(inherited) + "=" + value);
+      }
       std::vector<char*> envp;
-      for (const std::string& e : environment) envp.push_back(const_cast<char*>(e.c_str()));
+      for (const std::string& e : child_environment) envp.push_back(const_cast<char*>(e.c_str()));
       envp.push_back(nullptr);
       ::execve(MMDIT_SERVER_PATH, argv.data(), envp.data());
       ::_exit(127);
