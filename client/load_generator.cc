@@ -10,8 +10,8 @@
 #include <random>
 #include <thread>
 
-#include "absl/strings/numbers.h"
 #include "absl/status/status.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "core/status_macros.h"
@@ -20,7 +20,6 @@ namespace mmdit {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
 
 double Percentile(std::vector<double>& sorted, double q) {
   if (sorted.empty()) return 0;
@@ -43,18 +42,17 @@ class LoadState {
     start_ = Clock::now();
   }
 
-  // True while the budget (count or duration) allows another call.
-  bool MaySend() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (options_.requests > 0) return sent_ < options_.requests;
-    return Clock::now() - start_ < std::chrono::duration<double>(options_.duration_s);
-  }
-
-  // Starts one call; `then` runs after it completes (closed loop: the next call).
-  void Send(std::function<void()> then) {
+  // Starts one call if the budget (count or duration) allows another, and returns whether it
+  // did; `then` runs after the call completes (closed loop: the next call). The check and the
+  // count are one step, so concurrent completions never overshoot --requests.
+  bool TrySend(std::function<void()> then) {
     size_t kind;
     {
       std::lock_guard<std::mutex> lock(mutex_);
+      const bool allowed = options_.requests > 0
+                               ? sent_ < options_.requests
+                               : Clock::now() - start_ < std::chrono::duration<double>(options_.duration_s);
+      if (!allowed) return false;
       ++sent_;
       ++in_flight_;
       kind = pick_(rng_);
@@ -68,6 +66,7 @@ class LoadState {
                                       if (then) then();
                                       Done();
                                     });
+    return true;
   }
 
   void WaitForAll() {
@@ -141,10 +140,8 @@ class LoadState {
 };
 
 // Closed loop: each completion starts the next call while the budget lasts.
-void SendAndChain(LoadState& state) {
-  state.Send([&state] {
-    if (state.MaySend()) SendAndChain(state);
-  });
+bool SendAndChain(LoadState& state) {
+  return state.TrySend([&state] { SendAndChain(state); });
 }
 
 }  // namespace
@@ -225,16 +222,17 @@ absl::StatusOr<LoadReport> RunLoad(DenoiserClient& client, const LoadOptions& op
   }
   LoadState state(client, options, std::move(requests), std::move(samples));
   if (options.concurrency > 0) {
-    for (int64_t i = 0; i < options.concurrency && state.MaySend(); ++i) SendAndChain(state);
+    for (int64_t i = 0; i < options.concurrency; ++i) {
+      if (!SendAndChain(state)) break;
+    }
   } else {
     std::mt19937 arrival_rng(options.seed + 1);
     std::exponential_distribution<double> gap_s(options.rate);
     Clock::time_point next = Clock::now();
-    while (state.MaySend()) {
+    do {
       std::this_thread::sleep_until(next);
-      state.Send(nullptr);
       next += std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(gap_s(arrival_rng)));
-    }
+    } while (state.TrySend(nullptr));
   }
   state.WaitForAll();
   return state.Report();

@@ -32,7 +32,6 @@ constexpr char kUsage[] =
     "          --txt_tokens T [--batch B] [--mix W@CxHxW/T;W@N/T] [--dtype f32|bf16|f16] [--json]\n"
     "  TLS:    --tls_ca FILE [--tls_cert FILE --tls_key FILE] [--tls_server_name NAME]\n";
 
-
 absl::StatusOr<v1::DType> WireDType(const Flags& flags) {
   const std::string name = flags.String("dtype", "f32");
   if (name == "f32") return v1::FP32;

@@ -9,10 +9,6 @@
 namespace mmdit {
 namespace {
 
-// A bound on any one dimension, far above any real latent or text, so that products of
-// dims cannot overflow before the byte-length check.
-constexpr int64_t kMaxDim = int64_t{1} << 31;
-
 std::optional<DType> StorageDType(v1::DType dtype) {
   switch (dtype) {
     case v1::FP32:
@@ -40,18 +36,19 @@ absl::StatusOr<Tensor> DecodeTensor(const v1::Tensor& wire, const std::string& f
   }
   Shape shape(wire.shape().begin(), wire.shape().end());
   for (int64_t dim : shape) {
-    if (dim < 1 || dim > kMaxDim) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(field, ": shape ", ShapeString(shape), dim < 1 ? " is empty" : " has a dimension over 2^31"));
-    }
+    if (dim < 1) return absl::InvalidArgumentError(absl::StrCat(field, ": shape ", ShapeString(shape), " is empty"));
   }
-  const int64_t count = NumElements(shape);
-  const uint64_t needed = static_cast<uint64_t>(count) * DTypeSize(*dtype);
-  if (wire.data().size() != needed) {
+  // Bytes the shape needs, with the multiplication checked: a client's shape may name more
+  // elements than 64 bits can count, and nothing is allocated before the bytes match.
+  uint64_t needed = DTypeSize(*dtype);
+  bool overflow = false;
+  for (int64_t dim : shape) overflow = overflow || __builtin_mul_overflow(needed, static_cast<uint64_t>(dim), &needed);
+  if (overflow || wire.data().size() != needed) {
     return absl::InvalidArgumentError(absl::StrCat(field, ": ", wire.data().size(), " bytes, but ",
                                                    v1::DType_Name(wire.dtype()), " ", ShapeString(shape), " needs ",
-                                                   needed));
+                                                   overflow ? "over 2^64" : std::to_string(needed)));
   }
+  const int64_t count = static_cast<int64_t>(needed / DTypeSize(*dtype));
   Tensor tensor(std::move(shape));
   ConvertToFloat(*dtype, wire.data().data(), count, tensor.data.data());
   for (int64_t i = 0; i < count; ++i) {

@@ -137,6 +137,7 @@ class DenoiserServer::Service final : public v1::Denoiser::CallbackService {
   grpc::ServerUnaryReactor* Denoise(grpc::CallbackServerContext* context, const v1::DenoiseRequest* request,
                                     v1::DenoiseResponse* response) override {
     const int64_t arrival_us = server_.clock_.NowUs();
+    const int64_t deadline_us = DeadlineUs(*context, arrival_us);  // before decoding eats into it
     auto call = std::make_shared<DenoiseCall>(response, *server_.metrics_, arrival_us, request->request_id());
     auto* reactor = new DenoiseReactor(call);
     call->set_reactor(reactor);
@@ -154,7 +155,7 @@ class DenoiserServer::Service final : public v1::Denoiser::CallbackService {
     BatchEntry entry;
     entry.samples = static_cast<int64_t>(call->request.samples.size());
     entry.tokens = call->request.tokens;
-    entry.deadline_us = DeadlineUs(*context, arrival_us);
+    entry.deadline_us = deadline_us;
     entry.call = call;
     if (absl::Status status = server_.batcher_.Enqueue(std::move(entry)); !status.ok()) {
       call->Finish(ToGrpc(status));
@@ -344,6 +345,8 @@ void DenoiserServer::RunBatch(std::vector<BatchEntry>& entries) {
     response->set_compute_us(compute_us);
     response->set_batch_samples(static_cast<int32_t>(samples.size()));
     metrics_->ObserveQueueTime((start_us - call->arrival_us) / 1e6);
+    spdlog::debug("request '{}': {} samples, queue {} us, compute {} us", call->request_id, count,
+                  start_us - call->arrival_us, compute_us);
     call->Finish(grpc::Status::OK);
   }
 }

@@ -40,13 +40,14 @@ absl::Status DynamicBatcher::Enqueue(BatchEntry entry) {
 Batch DynamicBatcher::TakeBatchLocked(int64_t now_us) {
   Batch batch;
   // Expired and cancelled entries leave the queue wherever they stand.
+  // The deadline first: gRPC also cancels a call whose deadline passed.
   std::erase_if(queue_, [&](BatchEntry& entry) {
-    if (entry.call->IsCancelled()) {
-      batch.cancelled.push_back(std::move(entry));
-      return true;
-    }
     if (entry.deadline_us <= now_us) {
       batch.expired.push_back(std::move(entry));
+      return true;
+    }
+    if (entry.call->IsCancelled()) {
+      batch.cancelled.push_back(std::move(entry));
       return true;
     }
     return false;

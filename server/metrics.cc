@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 
 #include "absl/status/status.h"
@@ -15,7 +16,6 @@
 
 namespace mmdit {
 namespace {
-
 
 std::vector<double> Exponential(double first, double factor, int count) {
   std::vector<double> bounds;
@@ -78,8 +78,8 @@ std::string ServerMetrics::Render(double now_s) const {
   std::string out;
   Header(out, "mmdit_requests_total", "counter", "Denoise calls answered, by gRPC status code.");
   for (int code = 0; code < 17; ++code) {
-    absl::StrAppend(&out, "mmdit_requests_total{code=\"", absl::StatusCodeToString(static_cast<absl::StatusCode>(code)), "\"} ", requests_by_code_[code].load(),
-                    "\n");
+    absl::StrAppend(&out, "mmdit_requests_total{code=\"", absl::StatusCodeToString(static_cast<absl::StatusCode>(code)),
+                    "\"} ", requests_by_code_[code].load(), "\n");
   }
   Header(out, "mmdit_queue_seconds", "histogram", "Time from arrival to the start of the request's forward pass.");
   queue_seconds_.Render("mmdit_queue_seconds", out);
@@ -136,6 +136,10 @@ absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(cons
   const int bound_port = ntohs(bound.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port
                                                            : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
   const int wake_fd = ::eventfd(0, EFD_CLOEXEC);
+  if (wake_fd < 0) {
+    ::close(fd);
+    return absl::InternalError(absl::StrCat("metrics: eventfd failed: ", std::strerror(errno)));
+  }
   return std::unique_ptr<MetricsHttpServer>(new MetricsHttpServer(fd, wake_fd, bound_port, std::move(render)));
 }
 
@@ -168,12 +172,16 @@ void MetricsHttpServer::Serve() {
 }
 
 void MetricsHttpServer::Answer(int client_fd) {
-  // Read the request head (bounded in size and time: a slow client cannot stall scrapes long).
+  // Read the request head, bounded in size and in total time (a slow client cannot hold the
+  // one serving thread, or shutdown, for long), and given up at once when stopping.
+  constexpr auto kRequestTimeout = std::chrono::seconds(2);
+  const auto give_up = std::chrono::steady_clock::now() + kRequestTimeout;
   std::string request;
   char buffer[1024];
   while (request.find("\r\n\r\n") == std::string::npos && request.size() < 8192) {
-    pollfd fd = {client_fd, POLLIN, 0};
-    if (::poll(&fd, 1, 2000) <= 0) return;
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(give_up - std::chrono::steady_clock::now());
+    pollfd fds[2] = {{client_fd, POLLIN, 0}, {wake_fd_, POLLIN, 0}};
+    if (left.count() <= 0 || ::poll(fds, 2, static_cast<int>(left.count())) <= 0 || fds[1].revents != 0) return;
     const ssize_t n = ::read(client_fd, buffer, sizeof(buffer));
     if (n <= 0) return;
     request.append(buffer, n);
@@ -184,6 +192,8 @@ void MetricsHttpServer::Answer(int client_fd) {
       absl::StrCat("HTTP/1.0 ", metrics ? "200 OK" : "404 Not Found",
                    "\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: ", body.size(),
                    "\r\nConnection: close\r\n\r\n", body);
+  const timeval send_timeout = {2, 0};
+  ::setsockopt(client_fd, SOL_SOCKET, SO_SNDTIMEO, &send_timeout, sizeof(send_timeout));
   for (size_t sent = 0; sent < response.size();) {
     const ssize_t n = ::send(client_fd, response.data() + sent, response.size() - sent, MSG_NOSIGNAL);
     if (n <= 0) return;

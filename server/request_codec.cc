@@ -8,6 +8,13 @@ namespace mmdit {
 
 absl::StatusOr<DecodedRequest> DecodeRequest(const v1::DenoiseRequest& request, const Engine& engine,
                                              const RequestLimits& limits) {
+  // The sample count first: a request of many tiny samples must be refused before it is
+  // decoded and split.
+  if (request.img_latent().shape_size() > 0 && request.img_latent().shape(0) > limits.max_samples_per_request) {
+    return absl::InvalidArgumentError(absl::StrCat("img_latent: batch of ", request.img_latent().shape(0),
+                                                   " samples; this server takes at most ",
+                                                   limits.max_samples_per_request, " per request"));
+  }
   DecodedRequest decoded;
   ASSIGN_OR_RETURN(decoded.img_latent, DecodeTensor(request.img_latent(), "img_latent"));
   ASSIGN_OR_RETURN(decoded.txt_embed, DecodeTensor(request.txt_embed(), "txt_embed"));
@@ -18,11 +25,6 @@ absl::StatusOr<DecodedRequest> DecodeRequest(const v1::DenoiseRequest& request, 
                    SplitBatch(decoded.img_latent, decoded.txt_embed, decoded.timestep, decoded.pooled_text));
 
   const int64_t batch = decoded.samples.size();
-  if (batch > limits.max_samples_per_request) {
-    return absl::InvalidArgumentError(absl::StrCat("img_latent: batch of ", batch,
-                                                   " samples; this server takes at most ",
-                                                   limits.max_samples_per_request, " per request"));
-  }
   const ModelConfig& config = engine.config();
   const int64_t table_side = config.pos_embed_max_size.value_or(0) * config.patch_size;
   const int64_t max_height = limits.max_latent_height > 0 ? limits.max_latent_height : table_side;

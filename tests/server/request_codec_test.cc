@@ -116,6 +116,18 @@ INSTANTIATE_TEST_SUITE_P(
                          EncodeTensor(RandomTensor({2, 17, 40}, 4), v1::FP32, r.mutable_txt_embed());
                        },
                        "txt_embed: 17 text tokens; this server takes at most 16"},
+        BadRequestCase{"element count beyond 64 bits",
+                       [](auto& r) {
+                         r.mutable_img_latent()->clear_shape();
+                         for (int64_t dim : {int64_t{1}, int64_t{1} << 40, int64_t{1} << 40, int64_t{4}}) {
+                           r.mutable_img_latent()->add_shape(dim);
+                         }
+                         r.mutable_img_latent()->clear_data();
+                       },
+                       "img_latent: 0 bytes, but FP32 [1, 1099511627776, 1099511627776, 4] needs over 2^64"},
+        BadRequestCase{"millions of tiny samples refused before decoding",
+                       [](auto& r) { r.mutable_img_latent()->set_shape(0, 10'000'000); },
+                       "img_latent: batch of 10000000 samples; this server takes at most 4 per request"},
         BadRequestCase{"too many samples", [](auto& r) { r = ValidRequest(5); },
                        "img_latent: batch of 5 samples; this server takes at most 4 per request"}),
     [](const auto& info) {

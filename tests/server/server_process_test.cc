@@ -34,7 +34,8 @@ class ServerProcess {
       argv.push_back(nullptr);
       std::vector<std::string> child_environment = environment;
       for (const char* inherited : {"OMP_NUM_THREADS", "TSAN_OPTIONS"}) {  // test settings, sanitizer runs
-        if (const char* value = std::getenv(inherited)) child_environment.push_back(std::string(inherited) + "=" + value);
+        if (const char* value = std::getenv(inherited))
+          child_environment.push_back(std::string(inherited) + "=" + value);
       }
       std::vector<char*> envp;
       for (const std::string& e : child_environment) envp.push_back(const_cast<char*>(e.c_str()));
