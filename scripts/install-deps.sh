@@ -16,17 +16,34 @@ packages=(
   libbenchmark-dev       # bench/
 )
 
+# Tools the deployment checks use, from Debian only where the machine has none already (a
+# machine may carry newer builds from other apt sources, which Debian's would conflict with).
+command -v kubectl >/dev/null || packages+=(kubernetes-client)
+command -v node >/dev/null || packages+=(nodejs)
+command -v npm >/dev/null || packages+=(npm)
+
 missing=()
 for pkg in "${packages[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
     missing+=("$pkg")
   fi
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}"
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
 
-echo "install-deps: installing ${missing[*]}"
-SUDO=""
-[ "$(id -u)" -ne 0 ] && SUDO="sudo"
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# The Kubernetes schema validator (npm: kubernetes-models ships the API schemas), pinned by
+# tests/deploy/package-lock.json; reinstalled only when the lock changes. (Absent in the
+# Docker build stage's first layer, which copies this script alone.)
+deploy_checks="$(dirname "$0")/../tests/deploy"
+stamp="$deploy_checks/node_modules/.installed-from-package-lock.json"
+if [ -f "$deploy_checks/package-lock.json" ] && ! cmp -s "$deploy_checks/package-lock.json" "$stamp" 2>/dev/null; then
+  echo "install-deps: npm ci in tests/deploy"
+  (cd "$deploy_checks" && npm ci --no-audit --no-fund --silent >/dev/null)
+  cp "$deploy_checks/package-lock.json" "$stamp"
+fi
