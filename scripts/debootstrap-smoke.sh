@@ -24,13 +24,14 @@ for fs in proc sys dev; do
 done
 cp /etc/resolv.conf "$root/etc/resolv.conf"
 
-log "copying the committed sources (git archive HEAD) to $root/src"
-rm -rf "$root/src" && mkdir -p "$root/src"
-git archive HEAD | tar -x -C "$root/src"
-
 in_root() { chroot "$root" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root bash -c "$1"; }
+# The Dockerfile's order: the install script alone first (its own layer), then the sources.
+rm -rf "$root/src" && mkdir -p "$root/src/scripts"
+cp scripts/install-deps.sh "$root/src/scripts/"
 log "build stage: scripts/install-deps.sh"
 in_root "cd /src && ./scripts/install-deps.sh"
+log "copying the committed sources (git archive HEAD) to $root/src"
+git archive HEAD | tar -x -C "$root/src"
 log "build stage: scripts/build.sh"
 in_root "cd /src && ./scripts/build.sh >/tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }"
 log "build stage: the built-in default model"
