@@ -45,5 +45,5 @@ in_root "/src/build/bin/mmdit-client health --target 127.0.0.1:50051 \
   && /src/build/bin/mmdit-client info --target 127.0.0.1:50051 | head -12 \
   && /src/build/bin/mmdit-client bench --target 127.0.0.1:50051 --concurrency 4 --requests 16 --img_tokens 64 --txt_tokens 32"
 log "SIGTERM: drain and exit"
-in_root "pkill -TERM -f mmdit-server; for i in \$(seq 1 40); do pgrep -f mmdit-server >/dev/null || break; sleep 0.5; done; tail -3 /tmp/server.log"
+in_root "pkill -TERM -x mmdit-server; for i in \$(seq 1 40); do pgrep -x mmdit-server >/dev/null || break; sleep 0.5; done; tail -3 /tmp/server.log"
 log "done"
