@@ -159,12 +159,7 @@ INSTANTIATE_TEST_SUITE_P(
         BadSampleCase{"no text", {4, 8, 8}, {0, 40}, {24}, 1.0f, "txt_embed: expected [T >= 1, 40]"},
         BadSampleCase{"pooled width", {4, 8, 8}, {7, 40}, {25}, 1.0f, "pooled_text: expected [24]"},
         BadSampleCase{"NaN timestep", {4, 8, 8}, {7, 40}, {24}, NAN, "timestep: must be finite"}),
-    [](const auto& info) {
-      std::string name = info.param.description;
-      for (char& ch : name)
-        if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-      return name;
-    });
+    testing::DescriptionAsTestName());
 
 }  // namespace
 }  // namespace mmdit

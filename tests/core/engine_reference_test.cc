@@ -87,12 +87,7 @@ INSTANTIATE_TEST_SUITE_P(
                        c.patch_size = 1;
                      },
                      {9, 4}}),
-    [](const auto& info) {
-      std::string name = info.param.description;
-      for (char& ch : name)
-        if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-      return name;
-    });
+    testing::DescriptionAsTestName());
 
 }  // namespace
 }  // namespace mmdit

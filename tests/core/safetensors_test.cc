@@ -65,12 +65,7 @@ INSTANTIATE_TEST_SUITE_P(
         MalformedCase{"overflowing shape",
                       File(R"({"w": {"dtype": "F32", "shape": [4294967296, 4294967296], "data_offsets": [0, 8]}})", 8),
                       "is too large"}),
-    [](const auto& info) {
-      std::string name = info.param.description;
-      for (char& ch : name)
-        if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-      return name;
-    });
+    testing::DescriptionAsTestName());
 
 TEST(Safetensors, StoresEachDtypeAndReadsItBackAsFloat32) {
   const std::string dir = testing::MakeTempDir("st");

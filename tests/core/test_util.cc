@@ -69,4 +69,11 @@ Tensor SampleOf(const Tensor& batched, int64_t b) {
   return Tensor(inner, std::vector<float>(batched.data.begin() + b * size, batched.data.begin() + (b + 1) * size));
 }
 
+std::string SanitizedTestName(std::string text) {
+  for (char& ch : text) {
+    if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+  }
+  return text;
+}
+
 }  // namespace mmdit::testing

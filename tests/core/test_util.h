@@ -31,4 +31,15 @@ double MaxAbsDiff(const TensorView& a, const TensorView& b);
 // Sample b of a [B, ...] tensor, as its own tensor.
 Tensor SampleOf(const Tensor& batched, int64_t b);
 
+// `text` with every character gtest does not allow in a test name replaced by '_'.
+std::string SanitizedTestName(std::string text);
+
+// Names a parameterised test after its parameter's `description` field.
+struct DescriptionAsTestName {
+  template <typename ParamInfo>
+  std::string operator()(const ParamInfo& info) const {
+    return SanitizedTestName(info.param.description);
+  }
+};
+
 }  // namespace mmdit::testing

@@ -130,12 +130,7 @@ INSTANTIATE_TEST_SUITE_P(
                        "img_latent: batch of 10000000 samples; this server takes at most 4 per request"},
         BadRequestCase{"too many samples", [](auto& r) { r = ValidRequest(5); },
                        "img_latent: batch of 5 samples; this server takes at most 4 per request"}),
-    [](const auto& info) {
-      std::string name = info.param.description;
-      for (char& ch : name)
-        if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-      return name;
-    });
+    testing::DescriptionAsTestName());
 
 TEST(TensorCodec, EncodesPredictionsInTheRequestedDtype) {
   const std::vector<Tensor> outputs = {Tensor({2}, {1.0f, 2.5f}), Tensor({2}, {-3.0f, 0.5f})};
