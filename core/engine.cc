@@ -152,16 +152,16 @@ AttentionSegment SegmentOf(const StreamRows& s, int64_t sample, int64_t dim) {
 // ---------------------------------------------------------------------------------------------
 // Construction.
 
-Engine::Engine(const ModelConfig& config, std::unique_ptr<EngineModel> model)
-    : config_(config), model_(std::move(model)), workspace_(std::make_unique<EngineWorkspace>()) {}
+Engine::Engine(const ModelConfig& config, const EngineOptions& options, std::unique_ptr<EngineModel> model)
+    : config_(config), options_(options), model_(std::move(model)), workspace_(std::make_unique<EngineWorkspace>()) {}
 
 Engine::~Engine() = default;
 
-absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_dir) {
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_dir, const EngineOptions& options) {
   ASSIGN_OR_RETURN(ModelConfig config, ReadModelConfig((std::filesystem::path(model_dir) / "config.json").string()));
   ASSIGN_OR_RETURN(TensorMap tensors, ReadCheckpoint(model_dir));
   ASSIGN_OR_RETURN(ModelWeights weights, BindWeights(config, ToDiffusersNames(std::move(tensors), config.hidden())));
-  return Create(config, std::move(weights));
+  return Create(config, std::move(weights), options);
 }
 
 namespace {
@@ -200,9 +200,10 @@ absl::StatusOr<SelfAttentionBlock> PrepareSelfAttention(DnnlContext& dnnl, SelfA
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelConfig& config, ModelWeights w) {
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelConfig& config, ModelWeights w,
+                                                       const EngineOptions& options) {
   RETURN_IF_ERROR(ValidateModelConfig(config));
-  ASSIGN_OR_RETURN(std::unique_ptr<DnnlContext> dnnl, DnnlContext::Create());
+  ASSIGN_OR_RETURN(std::unique_ptr<DnnlContext> dnnl, DnnlContext::Create(options.compute));
   auto linear = [&](LinearWeights& lw) { return Linear::Create(*dnnl, std::move(lw), Epilogue::kNone); };
   ASSIGN_OR_RETURN(Linear patch_embed, linear(w.patch_embed));
   ASSIGN_OR_RETURN(Linear timestep_1, linear(w.timestep_1));
@@ -236,7 +237,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelConfig& config
     model->blocks.push_back(std::move(block));
   }
   model->dnnl = std::move(dnnl);  // the Linears point at it; it lives as long as they do
-  return std::unique_ptr<Engine>(new Engine(config, std::move(model)));
+  return std::unique_ptr<Engine>(new Engine(config, options, std::move(model)));
 }
 
 // ---------------------------------------------------------------------------------------------

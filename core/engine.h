@@ -9,6 +9,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "core/compute_dtype.h"
 #include "core/model_config.h"
 #include "core/tensor.h"
 #include "core/weights.h"
@@ -33,6 +34,10 @@ struct SampleTokens {
 // products (softmax and element-wise work excluded).
 double ForwardFlops(const ModelConfig& config, absl::Span<const SampleTokens> samples);
 
+struct EngineOptions {
+  ComputeDType compute = ComputeDType::kF32;
+};
+
 struct EngineModel;      // prepared weights (engine.cc)
 struct EngineWorkspace;  // activation buffers, grown to the largest batch seen and reused
 
@@ -41,8 +46,10 @@ class Engine {
   // Reads `model_dir`'s config.json and weights (either naming layout), binds and prepares
   // them. Errors: NotFound (missing files), InvalidArgument (bad config, malformed or
   // mismatched weights, with every problem listed), Internal (oneDNN).
-  static absl::StatusOr<std::unique_ptr<Engine>> Load(const std::string& model_dir);
-  static absl::StatusOr<std::unique_ptr<Engine>> Create(const ModelConfig& config, ModelWeights weights);
+  // Errors also: Internal when this CPU cannot run `options.compute` (bf16 needs AVX-512).
+  static absl::StatusOr<std::unique_ptr<Engine>> Load(const std::string& model_dir, const EngineOptions& options = {});
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(const ModelConfig& config, ModelWeights weights,
+                                                        const EngineOptions& options = {});
   ~Engine();
 
   // OK if `sample` fits the model; otherwise InvalidArgument naming the field, the expected
@@ -59,11 +66,13 @@ class Engine {
   SampleTokens TokensOf(const SampleInput& sample) const;
 
   const ModelConfig& config() const { return config_; }
+  ComputeDType compute_dtype() const { return options_.compute; }
 
  private:
-  Engine(const ModelConfig& config, std::unique_ptr<EngineModel> model);
+  Engine(const ModelConfig& config, const EngineOptions& options, std::unique_ptr<EngineModel> model);
 
   ModelConfig config_;
+  EngineOptions options_;
   std::unique_ptr<EngineModel> model_;
   std::mutex forward_mutex_;
   std::unique_ptr<EngineWorkspace> workspace_;  // guarded by forward_mutex_

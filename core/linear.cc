@@ -19,9 +19,11 @@ absl::Status DnnlError(const dnnl::error& e, const std::string& what) {
   return absl::InternalError(absl::StrCat("oneDNN ", what, ": ", e.what()));
 }
 
+dt SourceType(ComputeDType compute) { return compute == ComputeDType::kBF16 ? dt::bf16 : dt::f32; }
+
 dnnl::matmul::primitive_desc MakeDesc(const dnnl::engine& engine, int64_t rows, int64_t in, int64_t out,
-                                      const dnnl::memory::desc& weights_md, Epilogue epilogue) {
-  const dnnl::memory::desc src_md({rows, in}, dt::f32, tag::ab);
+                                      const dnnl::memory::desc& weights_md, Epilogue epilogue, ComputeDType compute) {
+  const dnnl::memory::desc src_md({rows, in}, SourceType(compute), tag::ab);
   const dnnl::memory::desc bias_md({1, out}, dt::f32, tag::ab);
   const dnnl::memory::desc dst_md({rows, out}, dt::f32, tag::ab);
   dnnl::primitive_attr attr;
@@ -35,9 +37,10 @@ dnnl::matmul::primitive_desc MakeDesc(const dnnl::engine& engine, int64_t rows, 
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<DnnlContext>> DnnlContext::Create() {
+absl::StatusOr<std::unique_ptr<DnnlContext>> DnnlContext::Create(ComputeDType compute) {
   try {
     auto context = std::make_unique<DnnlContext>();
+    context->compute = compute;
     context->engine = dnnl::engine(dnnl::engine::kind::cpu, 0);
     context->stream = dnnl::stream(context->engine);
     return context;
@@ -56,8 +59,8 @@ absl::StatusOr<Linear> Linear::Create(DnnlContext& context, LinearWeights weight
   try {
     // The checkpoint's [out, in] row-major matrix is W^T [in, out] in `ba` order.
     const dnnl::memory::desc stored_md({in, out}, dt::f32, tag::ba);
-    const dnnl::memory::desc any_md({in, out}, dt::f32, tag::any);
-    const auto desc = MakeDesc(context.engine, kLayoutRows, in, out, any_md, epilogue);
+    const dnnl::memory::desc any_md({in, out}, SourceType(context.compute), tag::any);
+    const auto desc = MakeDesc(context.engine, kLayoutRows, in, out, any_md, epilogue, context.compute);
     dnnl::memory stored(stored_md, context.engine, weights.weight.data.data());
     linear.packed_weights_ = dnnl::memory(desc.weights_desc(), context.engine);
     dnnl::reorder(stored, linear.packed_weights_).execute(context.stream, stored, linear.packed_weights_);
@@ -70,13 +73,21 @@ absl::StatusOr<Linear> Linear::Create(DnnlContext& context, LinearWeights weight
   return linear;
 }
 
-absl::StatusOr<dnnl::matmul*> Linear::PrimitiveForRows(int64_t rows) {
-  if (auto it = primitive_by_rows_.find(rows); it != primitive_by_rows_.end()) return &it->second;
-  if (primitive_by_rows_.size() >= kMaxCachedPrimitives) primitive_by_rows_.clear();
+absl::StatusOr<Linear::RowPrimitives*> Linear::PrimitivesForRows(int64_t rows) {
+  if (auto it = primitives_by_rows_.find(rows); it != primitives_by_rows_.end()) return &it->second;
+  if (primitives_by_rows_.size() >= kMaxCachedPrimitives) primitives_by_rows_.clear();
   try {
+    const ComputeDType compute = context_->compute;
     const auto desc =
-        MakeDesc(context_->engine, rows, in_features_, out_features_, packed_weights_.get_desc(), epilogue_);
-    return &primitive_by_rows_.emplace(rows, dnnl::matmul(desc)).first->second;
+        MakeDesc(context_->engine, rows, in_features_, out_features_, packed_weights_.get_desc(), epilogue_, compute);
+    RowPrimitives primitives{dnnl::matmul(desc), {}};
+    if (compute == ComputeDType::kBF16) {
+      const dnnl::memory::desc f32_md({rows, in_features_}, dt::f32, tag::ab);
+      const dnnl::memory::desc bf16_md({rows, in_features_}, dt::bf16, tag::ab);
+      primitives.to_bf16 =
+          dnnl::reorder(dnnl::reorder::primitive_desc(context_->engine, f32_md, context_->engine, bf16_md));
+    }
+    return &primitives_by_rows_.emplace(rows, std::move(primitives)).first->second;
   } catch (const dnnl::error& e) {
     return DnnlError(e, absl::StrCat("matmul for ", rows, " x ", in_features_, " x ", out_features_));
   }
@@ -84,16 +95,23 @@ absl::StatusOr<dnnl::matmul*> Linear::PrimitiveForRows(int64_t rows) {
 
 absl::Status Linear::Forward(const float* x, int64_t rows, float* y) {
   if (rows == 0) return absl::OkStatus();
-  auto primitive = PrimitiveForRows(rows);
-  if (!primitive.ok()) return primitive.status();
+  auto primitives = PrimitivesForRows(rows);
+  if (!primitives.ok()) return primitives.status();
   try {
     const dnnl::engine& engine = context_->engine;
-    dnnl::memory src({{rows, in_features_}, dt::f32, tag::ab}, engine, const_cast<float*>(x));
+    dnnl::memory source({{rows, in_features_}, dt::f32, tag::ab}, engine, const_cast<float*>(x));
+    if (context_->compute == ComputeDType::kBF16) {
+      std::vector<uint16_t>& converted = context_->bf16_input;
+      if (converted.size() < static_cast<size_t>(rows * in_features_)) converted.resize(rows * in_features_);
+      dnnl::memory bf16_source({{rows, in_features_}, dt::bf16, tag::ab}, engine, converted.data());
+      (*primitives)->to_bf16.execute(context_->stream, source, bf16_source);
+      source = bf16_source;
+    }
     dnnl::memory dst({{rows, out_features_}, dt::f32, tag::ab}, engine, y);
-    (*primitive)
-        ->execute(
+    (*primitives)
+        ->matmul.execute(
             context_->stream,
-            {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, packed_weights_}, {DNNL_ARG_BIAS, bias_}, {DNNL_ARG_DST, dst}});
+            {{DNNL_ARG_SRC, source}, {DNNL_ARG_WEIGHTS, packed_weights_}, {DNNL_ARG_BIAS, bias_}, {DNNL_ARG_DST, dst}});
     context_->stream.wait();
   } catch (const dnnl::error& e) {
     return DnnlError(e, "matmul execution");

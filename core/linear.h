@@ -6,8 +6,10 @@
 #include <cstdint>
 #include <memory>
 #include <unordered_map>
+#include <vector>
 
 #include "absl/status/statusor.h"
+#include "core/compute_dtype.h"
 #include "core/weights.h"
 #include "oneapi/dnnl/dnnl.hpp"
 
@@ -17,7 +19,11 @@ namespace mmdit {
 struct DnnlContext {
   dnnl::engine engine;
   dnnl::stream stream;
-  static absl::StatusOr<std::unique_ptr<DnnlContext>> Create();
+  ComputeDType compute = ComputeDType::kF32;
+  // kBF16: the current product's input converted to bf16, shared by every Linear of the
+  // model (their Forward calls are serialised); grows to the largest input, never shrinks.
+  std::vector<uint16_t> bf16_input;
+  static absl::StatusOr<std::unique_ptr<DnnlContext>> Create(ComputeDType compute);
 };
 
 enum class Epilogue { kNone, kGeluTanh };
@@ -37,14 +43,18 @@ class Linear {
 
  private:
   Linear() = default;
-  absl::StatusOr<dnnl::matmul*> PrimitiveForRows(int64_t rows);
+  struct RowPrimitives {
+    dnnl::matmul matmul;
+    dnnl::reorder to_bf16;  // kBF16 only: float32 input to bf16
+  };
+  absl::StatusOr<RowPrimitives*> PrimitivesForRows(int64_t rows);
 
   DnnlContext* context_ = nullptr;
   int64_t in_features_ = 0, out_features_ = 0;
   Epilogue epilogue_ = Epilogue::kNone;
-  dnnl::memory packed_weights_;  // [in, out] in oneDNN's chosen layout
+  dnnl::memory packed_weights_;  // [in, out] in oneDNN's chosen layout and the compute dtype
   dnnl::memory bias_;            // [1, out]
-  std::unordered_map<int64_t, dnnl::matmul> primitive_by_rows_;
+  std::unordered_map<int64_t, RowPrimitives> primitives_by_rows_;
 };
 
 }  // namespace mmdit

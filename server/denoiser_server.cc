@@ -191,6 +191,7 @@ class DenoiserServer::Service final : public v1::Denoiser::CallbackService {
     model->set_parameter_count(parameters);
     model->set_weight_bytes(parameters * 4);
     model->set_model_dir(server_.options_.model_dir);
+    model->set_compute_dtype(ComputeDTypeName(engine->compute_dtype()));
     const ServerOptions& o = server_.options_;
     v1::ServerLimits* limits = response->mutable_limits();
     limits->set_max_samples_per_request(std::min(o.limits.max_samples_per_request, o.batcher.max_batch_samples));

@@ -26,6 +26,8 @@ constexpr char kUsage[] = R"(usage: mmdit-server [--flag value ...]   (or MMDIT_
   --model DIR                 model directory (default models/seed-default: created with RANDOM weights if absent)
   --host 0.0.0.0 --port 50051 (0: any free port, logged)   --metrics_port 9090 (0: any, -1: off)
   --threads N                 engine threads (default: all cores)
+  --dtype f32|bf16            compute dtype of the matrix products (bf16: weights and activations
+                              into the products in bf16, float32 accumulation; needs AVX-512)
   --max_batch_samples 8 --max_batch_tokens 0 (0: no limit) --max_queue_delay_us 2000 --max_queue_size 256
   --max_samples_per_request 8 --max_text_tokens 512 --max_latent_height 0 --max_latent_width 0 (0: the position
                               table's size) --max_image_tokens 16384
@@ -144,13 +146,16 @@ absl::Status Run(const Flags& flags) {
     }
     spdlog::warn("serving the built-in default model (RANDOM weights); pass --model for a real one");
   }
-  ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Load(model_dir));
+  EngineOptions engine_options;
+  ASSIGN_OR_RETURN(engine_options.compute, ParseComputeDType(flags.String("dtype", "f32"), "--dtype"));
+  ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Load(model_dir, engine_options));
   const ModelConfig& c = engine->config();
   spdlog::info(
       "model {}: hidden {}, depth {}, heads {}, patch {}, in/out channels {}/{}, position table {}, "
-      "qk_norm {}, {} dual-attention layers; {} engine threads",
+      "qk_norm {}, {} dual-attention layers; {} compute, {} engine threads",
       model_dir, c.hidden(), c.num_layers, c.num_attention_heads, c.patch_size, c.in_channels, c.out_channels,
-      c.pos_embed_max_size.value_or(0), c.qk_norm, c.dual_attention_layers.size(), omp_get_max_threads());
+      c.pos_embed_max_size.value_or(0), c.qk_norm, c.dual_attention_layers.size(),
+      ComputeDTypeName(engine->compute_dtype()), omp_get_max_threads());
   ASSIGN_OR_RETURN(std::vector<WarmupShape> warmup, WarmupShapes(flags, c, options.limits));
   RETURN_IF_ERROR(server->Serve(std::move(engine), warmup));
   spdlog::info(

@@ -1,5 +1,6 @@
 // mmdit: the engine from the command line.
 //   mmdit forward --model DIR --img_latent A.npy --txt_embed B.npy --timestep C.npy --pooled_text D.npy --out OUT.npy
+//                 [--dtype f32|bf16]
 //   mmdit inspect --model DIR [--img_tokens N]
 //   mmdit init    --out DIR --preset NAME --seed S [--weights_dtype f32|bf16|f16] [size overrides]
 //   mmdit bench   --model DIR --batch B (--img_tokens N | --latent C,H,W) --txt_tokens T [--iters K] [--warmup W]
@@ -32,19 +33,25 @@ using json = nlohmann::json;
 constexpr char kUsage[] =
     "usage: mmdit <command> [flags]\n"
     "  forward --model DIR --img_latent A.npy --txt_embed B.npy --timestep C.npy --pooled_text D.npy --out OUT.npy\n"
-    "          [--threads N]\n"
+    "          [--threads N] [--dtype f32|bf16]\n"
     "  inspect --model DIR [--img_tokens N]\n"
     "  init    --out DIR --preset NAME --seed S [--weights_dtype f32|bf16|f16] [--hidden_size --depth\n"
     "          --num_heads --mlp_ratio --img_dim --txt_dim --cond_dim --patch_size --in_channels\n"
     "          --out_channels --pos_embed_max_size --sample_size --qk_norm true|false]\n"
     "  bench   --model DIR --batch B (--img_tokens N | --latent C,H,W) --txt_tokens T [--iters K]\n"
-    "          [--warmup W] [--threads N]\n";
+    "          [--warmup W] [--threads N] [--dtype f32|bf16]\n";
 
 absl::Status SetThreads(const Flags& flags) {
   ASSIGN_OR_RETURN(int64_t threads, flags.Int("threads", 0));
   if (threads < 0) return absl::InvalidArgumentError("--threads must be >= 0 (0: all cores)");
   if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
   return absl::OkStatus();
+}
+
+absl::StatusOr<EngineOptions> ReadEngineOptions(const Flags& flags) {
+  EngineOptions options;
+  ASSIGN_OR_RETURN(options.compute, ParseComputeDType(flags.String("dtype", "f32"), "--dtype"));
+  return options;
 }
 
 absl::Status Forward(const Flags& flags) {
@@ -54,7 +61,8 @@ absl::Status Forward(const Flags& flags) {
   ASSIGN_OR_RETURN(BatchInputs inputs, ReadBatchInputs(flags));
   ASSIGN_OR_RETURN(std::vector<SampleInput> samples,
                    SplitBatch(inputs.img_latent, inputs.txt_embed, inputs.timestep, inputs.pooled_text));
-  ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Load(model_dir));
+  ASSIGN_OR_RETURN(EngineOptions options, ReadEngineOptions(flags));
+  ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Load(model_dir, options));
   ASSIGN_OR_RETURN(std::vector<Tensor> outputs, engine->Forward(samples));
   ASSIGN_OR_RETURN(Tensor stacked, StackBatch(outputs));
   return WriteNpy(out_path, stacked);
@@ -165,7 +173,8 @@ absl::Status Bench(const Flags& flags) {
   if (batch < 1 || txt_tokens < 1 || iters < 1 || warmup < 0) {
     return absl::InvalidArgumentError("--batch, --txt_tokens and --iters must be >= 1, --warmup >= 0");
   }
-  ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Load(model_dir));
+  ASSIGN_OR_RETURN(EngineOptions options, ReadEngineOptions(flags));
+  ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Load(model_dir, options));
   const ModelConfig& c = engine->config();
   Shape img_shape;
   if (flags.Has("latent") == flags.Has("img_tokens")) {
@@ -209,6 +218,7 @@ absl::Status Bench(const Flags& flags) {
   const double gflop = ForwardFlops(c, tokens) / 1e9, median = Percentile(times_ms, 0.5);
   const json result = {
       {"batch", batch},
+      {"dtype", ComputeDTypeName(options.compute)},
       {"img_shape", img_shape},
       {"txt_tokens", txt_tokens},
       {"threads", omp_get_max_threads()},
@@ -230,14 +240,14 @@ struct Command {
 
 int Main(int argc, char** argv) {
   const Command commands[] = {
-      {"forward", Forward, {"model", "img_latent", "txt_embed", "timestep", "pooled_text", "out", "threads"}},
+      {"forward", Forward, {"model", "img_latent", "txt_embed", "timestep", "pooled_text", "out", "threads", "dtype"}},
       {"inspect", Inspect, {"model", "img_tokens"}},
       {"init",
        Init,
        {"out", "preset", "seed", "weights_dtype", "hidden_size", "depth", "num_heads", "mlp_ratio", "img_dim",
         "txt_dim", "cond_dim", "patch_size", "in_channels", "out_channels", "pos_embed_max_size", "sample_size",
         "qk_norm"}},
-      {"bench", Bench, {"model", "batch", "img_tokens", "latent", "txt_tokens", "iters", "warmup", "threads"}},
+      {"bench", Bench, {"model", "batch", "img_tokens", "latent", "txt_tokens", "iters", "warmup", "threads", "dtype"}},
   };
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "help") {
     std::cerr << kUsage;

@@ -3,6 +3,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 #include "core/engine.h"
 #include "tests/core/test_util.h"
 
@@ -50,6 +52,27 @@ TEST_P(EngineGoldenTest, RepeatedCallsGiveIdenticalResults) {
   auto second = engine_->Forward(golden_.Samples());
   ASSERT_TRUE(first.ok() && second.ok());
   for (size_t b = 0; b < first->size(); ++b) EXPECT_EQ((*first)[b].data, (*second)[b].data);
+}
+
+// shared/golden/README.md: bf16 compute within a relative L2 error of 2e-2.
+TEST_P(EngineGoldenTest, Bfloat16ComputeStaysWithinTheBf16Tolerance) {
+  auto engine = Engine::Load(GoldenDir(GetParam()), {.compute = ComputeDType::kBF16});
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  auto outputs = (*engine)->Forward(golden_.Samples());
+  auto f32 = engine_->Forward(golden_.Samples());
+  ASSERT_TRUE(outputs.ok() && f32.ok()) << outputs.status();
+  double diff_sq = 0, ref_sq = 0;
+  for (size_t b = 0; b < outputs->size(); ++b) {
+    const Tensor expected = SampleOf(golden_.expected, b);
+    for (int64_t i = 0; i < expected.NumElements(); ++i) {
+      diff_sq += std::pow(double((*outputs)[b].data[i]) - expected.data[i], 2);
+      ref_sq += std::pow(double(expected.data[i]), 2);
+    }
+    EXPECT_GT(MaxAbsDiff((*outputs)[b], (*f32)[b]), 1e-5) << "bf16 gave the float32 result: not bf16";
+  }
+  const double relative = std::sqrt(diff_sq / ref_sq);
+  std::printf("[golden bf16] %s: relative L2 error %.3g\n", GetParam().c_str(), relative);
+  EXPECT_LE(relative, 2e-2);
 }
 
 // Golden samples interleaved with samples of other image sizes and text lengths: every

@@ -5,6 +5,7 @@
 
 #include <cmath>
 
+#include "core/dtype.h"
 #include "tests/core/test_util.h"
 
 namespace mmdit {
@@ -13,13 +14,19 @@ namespace {
 using ::mmdit::testing::MaxAbsDiff;
 using ::mmdit::testing::RandomTensor;
 
-Tensor NaiveLinear(const Tensor& x, const LinearWeights& w, bool gelu) {
+float RoundToBf16(float v) { return BFloat16ToFloat(FloatToBFloat16(v)); }
+
+// x W^T + b in double; with `bf16`, x and W rounded to bf16 first (as the engine does).
+Tensor NaiveLinear(const Tensor& x, const LinearWeights& w, bool gelu, bool bf16) {
   const int64_t rows = x.shape[0], in = x.shape[1], out = w.weight.shape[0];
   Tensor y({rows, out});
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t o = 0; o < out; ++o) {
       double acc = w.bias.data[o];
-      for (int64_t i = 0; i < in; ++i) acc += double(x.data[r * in + i]) * w.weight.data[o * in + i];
+      for (int64_t i = 0; i < in; ++i) {
+        const float xi = x.data[r * in + i], wi = w.weight.data[o * in + i];
+        acc += bf16 ? double(RoundToBf16(xi)) * RoundToBf16(wi) : double(xi) * wi;
+      }
       if (gelu) acc = 0.5 * acc * (1 + std::tanh(std::sqrt(2 / M_PI) * (acc + 0.044715 * acc * acc * acc)));
       y.data[r * out + o] = acc;
     }
@@ -27,14 +34,15 @@ Tensor NaiveLinear(const Tensor& x, const LinearWeights& w, bool gelu) {
   return y;
 }
 
-class LinearTest : public ::testing::TestWithParam<Epilogue> {};
+class LinearTest : public ::testing::TestWithParam<std::tuple<Epilogue, ComputeDType>> {};
 
 TEST_P(LinearTest, MatchesNaiveMatmulForEveryRowCount) {
-  auto context = DnnlContext::Create();
+  const auto [epilogue, compute] = GetParam();
+  auto context = DnnlContext::Create(compute);
   ASSERT_TRUE(context.ok()) << context.status();
   const int64_t in = 48, out = 80;
   const LinearWeights weights{RandomTensor({out, in}, 1, 0.2f), RandomTensor({out}, 2)};
-  auto linear = Linear::Create(**context, weights, GetParam());
+  auto linear = Linear::Create(**context, weights, epilogue);
   ASSERT_TRUE(linear.ok()) << linear.status();
   EXPECT_EQ(linear->in_features(), in);
   EXPECT_EQ(linear->out_features(), out);
@@ -42,11 +50,14 @@ TEST_P(LinearTest, MatchesNaiveMatmulForEveryRowCount) {
     const Tensor x = RandomTensor({rows, in}, 3 + rows);
     Tensor y({rows, out});
     ASSERT_TRUE(linear->Forward(x.data.data(), rows, y.data.data()).ok());
-    EXPECT_LE(MaxAbsDiff(y, NaiveLinear(x, weights, GetParam() == Epilogue::kGeluTanh)), 1e-4) << rows << " rows";
+    const Tensor expected = NaiveLinear(x, weights, epilogue == Epilogue::kGeluTanh, compute == ComputeDType::kBF16);
+    EXPECT_LE(MaxAbsDiff(y, expected), 1e-4) << rows << " rows";
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Epilogues, LinearTest, ::testing::Values(Epilogue::kNone, Epilogue::kGeluTanh));
+INSTANTIATE_TEST_SUITE_P(EpiloguesAndDtypes, LinearTest,
+                         ::testing::Combine(::testing::Values(Epilogue::kNone, Epilogue::kGeluTanh),
+                                            ::testing::Values(ComputeDType::kF32, ComputeDType::kBF16)));
 
 }  // namespace
 }  // namespace mmdit

@@ -217,6 +217,7 @@ TEST(DenoiserServer, GetModelInfoReportsTheModelAndTheLimits) {
   EXPECT_EQ(info->model().img_dim(), 16);
   EXPECT_EQ(info->model().pos_embed_max_size(), 8);
   EXPECT_EQ(info->model().model_dir(), "golden/sd3_tiny");
+  EXPECT_EQ(info->model().compute_dtype(), "f32");
   EXPECT_EQ(info->limits().max_batch_samples(), 6);
   EXPECT_EQ(info->limits().max_samples_per_request(), 4);
   EXPECT_EQ(info->limits().max_latent_height(), 16);

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <array>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -52,6 +53,25 @@ TEST(MmditTool, ForwardWritesTheGoldenResult) {
   }
 }
 
+TEST(MmditTool, ForwardInBfloat16StaysWithinTheBf16Tolerance) {
+  const std::string dir = testing::MakeTempDir("tool");
+  const ToolRun run =
+      Mmdit(ForwardArgs(GoldenDir("sd35_tiny"), GoldenDir("sd35_tiny"), dir + "/out.npy") + " --dtype bf16");
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  auto out = ReadNpy(dir + "/out.npy");
+  auto expected = ReadNpy(GoldenDir("sd35_tiny") + "/expected_f64.npy");
+  ASSERT_TRUE(out.ok() && expected.ok());
+  double diff_sq = 0, ref_sq = 0;
+  for (int64_t i = 0; i < expected->NumElements(); ++i) {
+    diff_sq += std::pow(double(out->data[i]) - expected->data[i], 2);
+    ref_sq += std::pow(double(expected->data[i]), 2);
+  }
+  EXPECT_LE(std::sqrt(diff_sq / ref_sq), 2e-2);
+  EXPECT_GT(testing::MaxAbsDiff(*out, *expected), 1e-5);  // really computed in bf16
+  EXPECT_EQ(
+      Mmdit(ForwardArgs(GoldenDir("sd35_tiny"), GoldenDir("sd35_tiny"), dir + "/o.npy") + " --dtype f16").exit_code, 1);
+}
+
 TEST(MmditTool, ForwardFailsWithOneLineNamingTheProblem) {
   const std::string dir = testing::MakeTempDir("tool");
   // sd3_tiny's inputs on seed_tiny's model: the latent has the wrong form.
@@ -88,13 +108,15 @@ TEST(MmditTool, InitInspectAndBenchASmallPreset) {
   EXPECT_EQ(info["output_size"], 64 * 64);
   EXPECT_GT(info["parameter_count"].get<int64_t>(), 0);
 
-  run = Mmdit("bench --model " + dir + " --batch 2 --latent 16,8,12 --txt_tokens 5 --iters 2 --warmup 1 --threads 1");
+  run = Mmdit("bench --model " + dir +
+              " --batch 2 --latent 16,8,12 --txt_tokens 5 --iters 2 --warmup 1 --threads 1 --dtype bf16");
   ASSERT_EQ(run.exit_code, 0) << run.output;
   const auto bench = nlohmann::json::parse(run.output);
   for (const char* key : {"median_ms", "p10_ms", "p90_ms", "gflop_per_forward", "gflops"}) {
     EXPECT_TRUE(bench.contains(key)) << key;
   }
   EXPECT_GT(bench["gflop_per_forward"].get<double>(), 0);
+  EXPECT_EQ(bench["dtype"], "bf16");
 
   // The same seed writes the same weights.
   const std::string again = dir + "_again";

@@ -1,0 +1,24 @@
+// The dtype the engine's matrix products run in.
+#pragma once
+
+#include <string>
+
+#include "absl/status/statusor.h"
+
+namespace mmdit {
+
+// kBF16: weights held in bf16, activations converted to bf16 on the way into each product,
+// float32 accumulation and output; everything outside the products (norms, softmax,
+// residuals) stays float32.
+enum class ComputeDType { kF32, kBF16 };
+
+// "f32" or "bf16". Errors: InvalidArgument naming `flag` and the accepted values.
+inline absl::StatusOr<ComputeDType> ParseComputeDType(const std::string& name, const std::string& flag) {
+  if (name == "f32") return ComputeDType::kF32;
+  if (name == "bf16") return ComputeDType::kBF16;
+  return absl::InvalidArgumentError(flag + " must be f32 or bf16, got '" + name + "'");
+}
+
+inline const char* ComputeDTypeName(ComputeDType dtype) { return dtype == ComputeDType::kBF16 ? "bf16" : "f32"; }
+
+}  // namespace mmdit
