@@ -26,5 +26,10 @@ for threads in 1 2; do
   run "seed-default b1 T32 threads=$threads" seed-default --batch 1 --img_tokens 64 --txt_tokens 32 --threads "$threads"
   run "seed-default b8 T32 threads=$threads" seed-default --batch 8 --img_tokens 64 --txt_tokens 32 --threads "$threads"
 done
-run "sd3-medium 4 layers 32x32 b1 T77" sd3-medium-4l --batch 1 --latent 16,32,32 --txt_tokens 77 --threads 2
-run "sd3-medium 4 layers 32x32 b4 T77" sd3-medium-4l --batch 4 --latent 16,32,32 --txt_tokens 77 --threads 2
+# fp32 and bf16 side by side (2 threads).
+for dtype in f32 bf16; do
+  run "seed-default b1 T32 $dtype" seed-default --batch 1 --img_tokens 64 --txt_tokens 32 --threads 2 --dtype $dtype
+  run "seed-default b8 T32 $dtype" seed-default --batch 8 --img_tokens 64 --txt_tokens 32 --threads 2 --dtype $dtype
+  run "sd3-medium 4 layers 32x32 b1 T77 $dtype" sd3-medium-4l --batch 1 --latent 16,32,32 --txt_tokens 77 --threads 2 --dtype $dtype
+  run "sd3-medium 4 layers 32x32 b4 T77 $dtype" sd3-medium-4l --batch 4 --latent 16,32,32 --txt_tokens 77 --threads 2 --dtype $dtype
+done

@@ -35,6 +35,13 @@ dnnl::matmul::primitive_desc MakeDesc(const dnnl::engine& engine, int64_t rows, 
   return dnnl::matmul::primitive_desc(dnnl::matmul::desc(src_md, weights_md, bias_md, dst_md), attr, engine);
 }
 
+// The reorder that converts a [rows, in] float32 input to bf16 (throws dnnl::error).
+[[gnu::noinline]] dnnl::reorder Bf16Conversion(const dnnl::engine& engine, int64_t rows, int64_t in) {
+  const dnnl::memory::desc f32_md({rows, in}, dt::f32, tag::ab);
+  const dnnl::memory::desc bf16_md({rows, in}, dt::bf16, tag::ab);
+  return dnnl::reorder(dnnl::reorder::primitive_desc(engine, f32_md, engine, bf16_md));
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<DnnlContext>> DnnlContext::Create(ComputeDType compute) {
@@ -81,12 +88,7 @@ absl::StatusOr<Linear::RowPrimitives*> Linear::PrimitivesForRows(int64_t rows) {
     const auto desc =
         MakeDesc(context_->engine, rows, in_features_, out_features_, packed_weights_.get_desc(), epilogue_, compute);
     RowPrimitives primitives{dnnl::matmul(desc), {}};
-    if (compute == ComputeDType::kBF16) {
-      const dnnl::memory::desc f32_md({rows, in_features_}, dt::f32, tag::ab);
-      const dnnl::memory::desc bf16_md({rows, in_features_}, dt::bf16, tag::ab);
-      primitives.to_bf16 =
-          dnnl::reorder(dnnl::reorder::primitive_desc(context_->engine, f32_md, context_->engine, bf16_md));
-    }
+    if (compute == ComputeDType::kBF16) primitives.to_bf16 = Bf16Conversion(context_->engine, rows, in_features_);
     return &primitives_by_rows_.emplace(rows, std::move(primitives)).first->second;
   } catch (const dnnl::error& e) {
     return DnnlError(e, absl::StrCat("matmul for ", rows, " x ", in_features_, " x ", out_features_));
