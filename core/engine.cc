@@ -476,10 +476,10 @@ absl::Status JointBlockForward(Pass& pass, JointBlock& block) {
 // y [N_total, p*p*Co] = proj_out(LN(x) * (1 + scale) + shift), [scale, shift] = norm_out(cond).
 absl::Status FinalLayer(Pass& pass, EngineModel& m, float* y) {
   StreamRows& s = pass.image;
-  constexpr ModulationLayout kFinal = {2, {1, 0, -1}, {}, {}};  // scale first, like the pre-only block
   RETURN_IF_ERROR(m.norm_out.Forward(pass.conditioning, pass.batch.size(), s.modulation));
   s.modulation_stride = m.norm_out.out_features();
-  ModulateRows(s, s.x, kFinal.attention, pass.config.hidden(), s.normed);
+  // norm_out's chunks are [scale, shift], the order of the context-pre-only block's.
+  ModulateRows(s, s.x, kContextPreOnly.attention, pass.config.hidden(), s.normed);
   return m.proj_out.Forward(s.normed, s.total, y);
 }
 
