@@ -141,7 +141,8 @@ TEST(DenoiserServer, DrainAnswersEveryAcceptedRequestAndRefusesNewOnes) {
   auto client = ClientFor(*server);
   std::vector<std::unique_ptr<testing::AsyncCall>> accepted;
   for (uint32_t i = 0; i < 3; ++i) accepted.push_back(StartDenoise(*client, RandomSd3TinyInputs(1, 8, 8, 7, i)));
-  ASSERT_TRUE(Eventually([&] { return server->queue_size() == 1; }));  // two ran as a full batch, one waits
+  // All three accepted: two ran as a full batch, the third waits (for 10 s) in the queue.
+  ASSERT_TRUE(Eventually([&] { return server->metrics().samples_computed() == 2 && server->queue_size() == 1; }));
   server->BeginDrain();
   for (auto& call : accepted) EXPECT_TRUE(call->status.get().ok());
   auto late = client->Denoise(RandomSd3TinyInputs(1, 8, 8, 7, 9).View(), v1::FP32, kTimeout);
