@@ -192,13 +192,21 @@ absl::StatusOr<TensorMap> ReadCheckpoint(const std::string& model_dir) {
                    "diffusion_pytorch_model.safetensors.index.json)"));
 }
 
-TensorMap ToDiffusersNames(TensorMap tensors, int64_t hidden) {
+absl::StatusOr<TensorMap> ToDiffusersNames(TensorMap tensors, int64_t hidden) {
   if (!IsStabilityLayout(tensors)) return tensors;
   TensorMap renamed;
   for (auto& [stored_name, tensor] : tensors) {
     std::string name = stored_name;
     if (name.starts_with(kStabilityPrefix)) name = name.substr(sizeof(kStabilityPrefix) - 1);
-    if (!RenameStability(name, hidden, tensor, renamed)) renamed.emplace(stored_name, std::move(tensor));
+    const size_t before = renamed.size();
+    const bool known = RenameStability(name, hidden, tensor, renamed);
+    if (!known) renamed.emplace(stored_name, std::move(tensor));
+    // Every stored tensor adds one name (a fused qkv three); fewer means two names met.
+    const bool fused_qkv = known && (name.ends_with(".qkv.weight") || name.ends_with(".qkv.bias"));
+    if (renamed.size() != before + (fused_qkv ? 3 : 1)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("checkpoint holds '", stored_name, "' and another tensor that maps to the same name"));
+    }
   }
   return renamed;
 }

@@ -21,6 +21,8 @@ absl::StatusOr<TensorMap> ReadCheckpoint(const std::string& model_dir);
 // two [shift, scale] modulations swapped to [scale, shift]. Diffusers names pass unchanged;
 // names neither layout knows pass unchanged too, for the binder to report. `hidden` is the
 // model's D (it tells the last block's [2D, D] text modulation from a full one).
-TensorMap ToDiffusersNames(TensorMap tensors, int64_t hidden);
+// Errors: InvalidArgument when two stored tensors map to one name (e.g. `X` beside
+// `model.diffusion_model.X`).
+absl::StatusOr<TensorMap> ToDiffusersNames(TensorMap tensors, int64_t hidden);
 
 }  // namespace mmdit

@@ -160,7 +160,8 @@ Engine::~Engine() = default;
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_dir, const EngineOptions& options) {
   ASSIGN_OR_RETURN(ModelConfig config, ReadModelConfig((std::filesystem::path(model_dir) / "config.json").string()));
   ASSIGN_OR_RETURN(TensorMap tensors, ReadCheckpoint(model_dir));
-  ASSIGN_OR_RETURN(ModelWeights weights, BindWeights(config, ToDiffusersNames(std::move(tensors), config.hidden())));
+  ASSIGN_OR_RETURN(TensorMap named, ToDiffusersNames(std::move(tensors), config.hidden()));
+  ASSIGN_OR_RETURN(ModelWeights weights, BindWeights(config, std::move(named)));
   return Create(config, std::move(weights), options);
 }
 
@@ -203,6 +204,19 @@ absl::StatusOr<SelfAttentionBlock> PrepareSelfAttention(DnnlContext& dnnl, SelfA
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelConfig& config, ModelWeights w,
                                                        const EngineOptions& options) {
   RETURN_IF_ERROR(ValidateModelConfig(config));
+  // `w` comes from BindWeights(config, ...), which checked every shape; a hand-built one must
+  // at least have the block structure the config implies, or the forward pass would misread it.
+  bool structure_matches =
+      static_cast<int64_t>(w.blocks.size()) == config.num_layers && w.pos_table.has_value() == config.has_positions();
+  for (size_t i = 0; structure_matches && i < w.blocks.size(); ++i) {
+    structure_matches = w.blocks[i].dual_attention.has_value() == config.IsDualAttention(i) &&
+                        w.blocks[i].text.out.has_value() == !config.IsContextPreOnly(i);
+  }
+  if (!structure_matches) {
+    return absl::InvalidArgumentError(
+        "model weights do not have the block structure of the config; bind them with "
+        "BindWeights");
+  }
   ASSIGN_OR_RETURN(std::unique_ptr<DnnlContext> dnnl, DnnlContext::Create(options.compute));
   auto linear = [&](LinearWeights& lw) { return Linear::Create(*dnnl, std::move(lw), Epilogue::kNone); };
   ASSIGN_OR_RETURN(Linear patch_embed, linear(w.patch_embed));
@@ -254,6 +268,23 @@ absl::Status Engine::ValidateSample(const SampleInput& s) const {
   const ModelConfig& c = config_;
   const Shape& img = s.img_latent.shape;
   const int64_t p = c.patch_size;
+  // Far beyond any real sample (SD3 at 2048x2048 has 16384 image tokens), and small enough that
+  // the workspace sizes computed from token counts cannot overflow.
+  constexpr int64_t kMaxTokens = int64_t{1} << 24;
+  for (int64_t dim : img) {
+    if (dim > kMaxTokens) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("img_latent: ", ShapeString(img), " has a dimension over ", kMaxTokens));
+    }
+  }
+  if (!s.txt_embed.shape.empty() && s.txt_embed.shape[0] > kMaxTokens) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("txt_embed: ", s.txt_embed.shape[0], " tokens; at most ", kMaxTokens));
+  }
+  if (img.size() == 3 && img[1] >= p && img[2] >= p && (img[1] / p) * (img[2] / p) > kMaxTokens) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("img_latent: ", ShapeString(img), " makes over ", kMaxTokens, " image tokens"));
+  }
   if (img.size() == 3) {
     const bool fits = img[0] == c.in_channels && img[1] >= p && img[2] >= p && img[1] % p == 0 && img[2] % p == 0;
     if (!fits) {

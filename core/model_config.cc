@@ -29,8 +29,15 @@ absl::Status ReadInt(const json& root, const std::string& key, bool required, co
   return absl::OkStatus();
 }
 
+// Far above any real model (SD3.5-large: D 2432, 38 layers, J 4096), and small enough that
+// products of two or three sizes (D = heads x head_dim, M x M, C x p x p) cannot overflow.
+constexpr int64_t kMaxSize = int64_t{1} << 20;
+constexpr double kMaxMlpRatio = 64;
+
 absl::Status Positive(const std::string& what, const std::string& key, int64_t value) {
-  return value >= 1 ? absl::OkStatus() : KeyError(what, key, absl::StrCat("must be >= 1, got ", value));
+  if (value < 1) return KeyError(what, key, absl::StrCat("must be >= 1, got ", value));
+  if (value > kMaxSize) return KeyError(what, key, absl::StrCat("is ", value, "; the engine takes at most ", kMaxSize));
+  return absl::OkStatus();
 }
 
 absl::Status Validate(const ModelConfig& c, const std::string& what) {
@@ -54,10 +61,10 @@ absl::Status Validate(const ModelConfig& c, const std::string& what) {
                                  c.attention_head_dim, " = ", c.num_attention_heads * c.attention_head_dim));
   }
   const double mlp_width = c.mlp_ratio * c.hidden();
-  if (!(c.mlp_ratio > 0) || mlp_width != std::floor(mlp_width)) {
-    return KeyError(
-        what, "mlp_ratio",
-        absl::StrCat("must be > 0 and give a whole MLP width; ", c.mlp_ratio, " x ", c.hidden(), " = ", mlp_width));
+  if (!(c.mlp_ratio > 0) || !(c.mlp_ratio <= kMaxMlpRatio) || mlp_width != std::floor(mlp_width)) {
+    return KeyError(what, "mlp_ratio",
+                    absl::StrCat("must be in (0, ", kMaxMlpRatio, "] and give a whole MLP width; ", c.mlp_ratio, " x ",
+                                 c.hidden(), " = ", mlp_width));
   }
   for (int64_t layer : c.dual_attention_layers) {
     if (layer < 0 || layer >= c.num_layers) {

@@ -85,12 +85,18 @@ absl::StatusOr<Tensor> ParseNpy(std::string_view bytes, const std::string& what)
   }
   auto shape = ParseShapeTuple(*shape_text, what);
   if (!shape.ok()) return shape.status();
-  const int64_t count = NumElements(*shape);
   const std::string_view data = bytes.substr(header_start + header_len);
-  if (data.size() != static_cast<size_t>(count) * item_size) {
+  // Bytes the shape needs, multiplied with overflow checks: a header can name more elements
+  // than 64 bits count, and nothing is allocated before the bytes match.
+  uint64_t needed = item_size;
+  bool overflow = false;
+  for (int64_t dim : *shape) overflow = overflow || __builtin_mul_overflow(needed, static_cast<uint64_t>(dim), &needed);
+  if (overflow || data.size() != needed) {
     return absl::InvalidArgumentError(absl::StrCat(what, ": data holds ", data.size(), " bytes; shape ",
-                                                   ShapeString(*shape), " needs ", count * item_size));
+                                                   ShapeString(*shape), " needs ",
+                                                   overflow ? "over 2^64" : std::to_string(needed)));
   }
+  const int64_t count = static_cast<int64_t>(needed / item_size);
   Tensor tensor(std::move(*shape));
   if (item_size == 4) {
     std::memcpy(tensor.data.data(), data.data(), data.size());

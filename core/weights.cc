@@ -79,16 +79,18 @@ class Binder {
   Tensor Take(const std::string& name) {
     const Shape& shape = expected_.at(name);  // an invariant: only catalogued names are taken
     auto it = tensors_.find(name);
+    // On a problem the caller gets an empty placeholder (Finish fails anyway): allocating the
+    // expected shape could itself exhaust memory when config and weights disagree.
     if (it == tensors_.end()) {
       problems_.push_back(absl::StrCat("missing '", name, "' ", ShapeString(shape)));
-      return Tensor(shape);
+      return Tensor();
     }
     Tensor tensor = std::move(it->second);
     tensors_.erase(it);
     if (tensor.shape != shape) {
       problems_.push_back(
           absl::StrCat("'", name, "' has shape ", ShapeString(tensor.shape), ", expected ", ShapeString(shape)));
-      return Tensor(shape);
+      return Tensor();
     }
     return tensor;
   }

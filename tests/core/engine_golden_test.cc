@@ -184,5 +184,19 @@ INSTANTIATE_TEST_SUITE_P(
         BadSampleCase{"NaN timestep", {4, 8, 8}, {7, 40}, {24}, NAN, "timestep: must be finite"}),
     testing::DescriptionAsTestName());
 
+// Token counts far beyond any real sample are refused before anything is sized from them
+// (the views' data is never read: validation comes first).
+TEST(EngineRejects, TokenCountsBeyondTwoToThe24) {
+  auto engine = Engine::Load(GoldenDir("seed_tiny"));  // token form, no position table
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  const float unused[16] = {};
+  const Tensor img = RandomTensor({4, 16}, 3), txt = RandomTensor({3, 32}, 1), pooled = RandomTensor({24}, 2);
+  const SampleInput many_tokens{TensorView({int64_t{1} << 25, 16}, unused), txt, 1.0f, pooled};
+  EXPECT_THAT(std::string((*engine)->ValidateSample(many_tokens).message()),
+              HasSubstr("has a dimension over 16777216"));
+  const SampleInput long_text{img, TensorView({int64_t{1} << 25, 32}, unused), 1.0f, pooled};
+  EXPECT_THAT(std::string((*engine)->ValidateSample(long_text).message()), HasSubstr("txt_embed: 33554432 tokens"));
+}
+
 }  // namespace
 }  // namespace mmdit

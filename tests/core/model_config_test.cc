@@ -73,6 +73,9 @@ TEST(ModelConfig, RejectsInconsistentConfigsNamingTheKey) {
       {With("qk_norm", "\"layer_norm\""), "'qk_norm' must be null or \"rms_norm\""},
       {With("dual_attention_layers", "[30]"), "'dual_attention_layers' names layer 30; layers are 0..23"},
       {With("pos_embed_max_size", "-3"), "'pos_embed_max_size' must be >= 1"},
+      {With("num_attention_heads", "4611686018427387906"),
+       "'num_attention_heads' is 4611686018427387906; the engine takes at most 1048576"},
+      {With("pos_embed_max_size", "4294967296"), "'pos_embed_max_size' is 4294967296; the engine takes at most"},
       {"[1, 2]", "not a JSON object"},
       {"{", "not a JSON object"},
   };

@@ -44,6 +44,7 @@ TEST(Npy, RejectsWhatItCannotRead) {
       {Npy("{'descr': '<f4', 'fortran_order': True, 'shape': (2, 2), }", 16), "Fortran-order"},
       {Npy("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2), }", 12), "needs 16"},
       {Npy("{'descr': '<f4', 'fortran_order': False, }", 0), "malformed .npy header"},
+      {Npy("{'descr': '<f4', 'fortran_order': False, 'shape': (1, 4503599627370496, 4096), }", 0), "needs over 2^64"},
   };
   for (const auto& c : cases) {
     auto result = ParseNpy(c.bytes, "x.npy");

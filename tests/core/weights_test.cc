@@ -163,7 +163,9 @@ TEST_P(StabilityLayoutTest, LoadsAndGivesTheSameOutputsAsDiffusersNames) {
   const ModelConfig config = GoldenConfig(golden);
   const TensorMap stability =
       ToStabilityNames(GoldenTensors(golden), config.num_layers, config.context_pre_only_last, prefix);
-  EXPECT_EQ(ToDiffusersNames(stability, config.hidden()).size(), GoldenTensors(golden).size());
+  auto renamed = ToDiffusersNames(stability, config.hidden());
+  ASSERT_TRUE(renamed.ok()) << renamed.status();
+  EXPECT_EQ(renamed->size(), GoldenTensors(golden).size());
   const std::vector<Tensor> expected = RunGolden(GoldenDir(golden), golden);
   const std::vector<Tensor> actual = RunGolden(WriteModelDir(golden, stability), golden);
   ASSERT_EQ(actual.size(), expected.size());
@@ -173,6 +175,31 @@ TEST_P(StabilityLayoutTest, LoadsAndGivesTheSameOutputsAsDiffusersNames) {
 INSTANTIATE_TEST_SUITE_P(Layouts, StabilityLayoutTest,
                          ::testing::Combine(::testing::Values("sd3_tiny", "sd35_tiny", "seed_tiny"),
                                             ::testing::Values("", "model.diffusion_model.")));
+
+TEST(Checkpoint, RefusesTwoStoredTensorsThatMapToOneName) {
+  const ModelConfig config = GoldenConfig("sd3_tiny");
+  TensorMap stability = ToStabilityNames(GoldenTensors("sd3_tiny"), config.num_layers, true, "model.diffusion_model.");
+  stability["final_layer.linear.bias"] = stability.at("model.diffusion_model.final_layer.linear.bias");
+  auto renamed = ToDiffusersNames(std::move(stability), config.hidden());
+  EXPECT_EQ(renamed.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(renamed.status().message()), HasSubstr("maps to the same name"));
+}
+
+TEST(BindWeights, AMismatchedConfigFailsWithoutAllocatingItsTensors) {
+  ModelConfig huge = GoldenConfig("sd3_tiny");
+  huge.num_attention_heads = huge.attention_head_dim = 1024;  // D = 2^20: 4 TiB of weights
+  huge.caption_projection_dim = huge.hidden();
+  auto weights = BindWeights(huge, GoldenTensors("sd3_tiny"));
+  EXPECT_EQ(weights.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(Engine, RefusesWeightsWithoutTheConfigsBlockStructure) {
+  const ModelConfig config = GoldenConfig("sd3_tiny");
+  auto weights = BindWeights(config, GoldenTensors("sd3_tiny"));
+  ASSERT_TRUE(weights.ok());
+  weights->blocks.pop_back();
+  EXPECT_EQ(Engine::Create(config, *std::move(weights)).status().code(), absl::StatusCode::kInvalidArgument);
+}
 
 TEST(Checkpoint, ReadsDiffusersShardsThroughTheIndex) {
   const TensorMap all = GoldenTensors("sd3_tiny");
