@@ -95,8 +95,10 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text, const s
   RETURN_IF_ERROR(ReadInt(root, "attention_head_dim", true, what, &c.attention_head_dim));
   RETURN_IF_ERROR(ReadInt(root, "num_attention_heads", true, what, &c.num_attention_heads));
   RETURN_IF_ERROR(ReadInt(root, "joint_attention_dim", true, what, &c.joint_attention_dim));
-  c.caption_projection_dim = c.hidden();
   RETURN_IF_ERROR(ReadInt(root, "caption_projection_dim", false, what, &c.caption_projection_dim));
+  if (c.caption_projection_dim == 0 && c.num_attention_heads <= kMaxSize && c.attention_head_dim <= kMaxSize) {
+    c.caption_projection_dim = c.hidden();  // absent: D follows from the heads (bounded: no overflow)
+  }
   RETURN_IF_ERROR(ReadInt(root, "pooled_projection_dim", true, what, &c.pooled_projection_dim));
   RETURN_IF_ERROR(ReadInt(root, "sample_size", false, what, &c.sample_size));
   int64_t max_size = 0;
