@@ -142,6 +142,12 @@ std::vector<std::pair<std::string, Shape>> ExpectedTensors(const ModelConfig& co
   return out;
 }
 
+int64_t ParameterCount(const ModelConfig& config) {
+  int64_t parameters = 0;
+  TensorCatalog(config).Walk([&](const std::string&, const Shape& shape) { parameters += NumElements(shape); });
+  return parameters;
+}
+
 absl::StatusOr<ModelWeights> BindWeights(const ModelConfig& c, TensorMap tensors) {
   Binder bind(c, std::move(tensors));
   ModelWeights w;

@@ -61,4 +61,7 @@ absl::StatusOr<ModelWeights> BindWeights(const ModelConfig& config, TensorMap te
 // `mmdit init` writes and what BindWeights expects.
 std::vector<std::pair<std::string, Shape>> ExpectedTensors(const ModelConfig& config);
 
+// The number of parameters `config` implies (the elements of ExpectedTensors).
+int64_t ParameterCount(const ModelConfig& config);
+
 }  // namespace mmdit

@@ -173,8 +173,7 @@ class DenoiserServer::Service final : public v1::Denoiser::CallbackService {
     }
     const ModelConfig& c = engine->config();
     v1::ModelInfo* model = response->mutable_model();
-    int64_t parameters = 0;
-    for (const auto& [name, shape] : ExpectedTensors(c)) parameters += NumElements(shape);
+    const int64_t parameters = ParameterCount(c);
     model->set_img_dim(c.patch_features());
     model->set_txt_dim(c.joint_attention_dim);
     model->set_hidden_size(c.hidden());

@@ -70,8 +70,7 @@ absl::Status Forward(const Flags& flags) {
 
 // Parameters and their bytes as stored, from the weight list the config implies.
 json DescribeModel(const ModelConfig& c, int64_t img_tokens) {
-  int64_t parameters = 0;
-  for (const auto& [name, shape] : ExpectedTensors(c)) parameters += NumElements(shape);
+  const int64_t parameters = ParameterCount(c);
   return {
       {"img_dim", c.patch_features()},
       {"txt_dim", c.joint_attention_dim},
