@@ -533,12 +533,12 @@ absl::StatusOr<std::vector<Tensor>> Engine::Forward(absl::Span<const SampleInput
   ws.text_rows.offset.assign(n_batch, 0);
   ws.image_rows.rows.resize(n_batch);
   ws.text_rows.rows.resize(n_batch);
-  int64_t max_length = 0;
+  absl::InlinedVector<int64_t, 16> sequence_lengths(n_batch);  // joint attention's; the dual's are shorter
   for (int64_t b = 0; b < n_batch; ++b) {
     const SampleTokens tokens = TokensOf(batch[b]);
     ws.image_rows.rows[b] = tokens.image_tokens;
     ws.text_rows.rows[b] = tokens.text_tokens;
-    max_length = std::max(max_length, tokens.image_tokens + tokens.text_tokens);
+    sequence_lengths[b] = tokens.image_tokens + tokens.text_tokens;
   }
   // The MLP buffer doubles as input staging (patch features, text features) and holds the
   // dual-attention input: it is at least as wide as each.
@@ -547,7 +547,8 @@ absl::StatusOr<std::vector<Tensor>> Engine::Forward(absl::Span<const SampleInput
   PlanStream(ws.image, n_batch, d, std::max(wide, c.output_features()), chunks, ws.image_rows);
   PlanStream(ws.text, n_batch, d, wide, chunks, ws.text_rows);
   Carver carve(ws.conditioning, n_batch * (3 * d + kTimestepFeatures + c.pooled_projection_dim));
-  const int64_t scratch = AttentionScratchFloats(max_length, omp_get_max_threads());
+  const int64_t scratch =
+      AttentionScratchFloats(sequence_lengths, c.num_attention_heads, c.attention_head_dim, omp_get_max_threads());
   if (static_cast<int64_t>(ws.attention_scratch.size()) < scratch) ws.attention_scratch.resize(scratch);
   float* conditioning = carve.Take(n_batch * d);
   float* conditioning_scratch = carve.Take(n_batch * (2 * d + kTimestepFeatures + c.pooled_projection_dim));

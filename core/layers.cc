@@ -6,12 +6,51 @@
 #include <cassert>
 #include <cmath>
 
+#include "absl/container/inlined_vector.h"
+
 namespace mmdit {
 namespace {
 
-// Query rows per attention task: enough to reuse each key row from cache, few enough that
-// short sequences still split across threads.
+// Attention (see Attention below) works in tasks of up to kQueryTile query rows of one
+// sequence and head: enough rows to reuse each packed key from cache, few enough that short
+// sequences still split across threads, and the tile's scores ([kQueryTile, L] floats) stay
+// in L2 for any realistic L.
 constexpr int64_t kQueryTile = 32;
+// Query rows and key columns one micro-kernel step holds in registers.
+constexpr int kRowGroup = 4;
+constexpr int64_t kVector = 16;    // floats per Vec
+constexpr int64_t kKeyBlock = 32;  // key columns per score step: two Vecs
+
+// Sixteen floats. GCC lowers it to one zmm register under AVX-512, two ymm under AVX2 and four
+// xmm on baseline x86-64, so one kernel body serves every instruction set. Loads and stores go
+// through VecUnaligned: scratch and activation rows are only float-aligned.
+typedef float Vec __attribute__((vector_size(64)));
+typedef float VecUnaligned __attribute__((vector_size(64), aligned(4)));
+typedef int32_t IntVec __attribute__((vector_size(64)));
+
+[[gnu::always_inline]] inline Vec Load(const float* p) { return *reinterpret_cast<const VecUnaligned*>(p); }
+[[gnu::always_inline]] inline void Store(float* p, Vec v) { *reinterpret_cast<VecUnaligned*>(p) = v; }
+[[gnu::always_inline]] inline Vec Broadcast(float x) { return Vec{} + x; }
+
+// e^x for x <= 0 (softmax arguments after the row maximum is subtracted), below 2 ulp:
+// x = n ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial, times 2^n built in
+// the exponent bits. Arguments under -87 flush to e^-87 (~1e-38): a zero softmax weight at
+// float32 precision.
+[[gnu::always_inline]] inline Vec ExpNonPositive(Vec x) {
+  x = x < -87.0f ? Broadcast(-87.0f) : x;
+  const Vec t = x * 1.44269504088896341f + 0.5f;
+  IntVec n = __builtin_convertvector(t, IntVec);                   // truncates toward zero
+  n += reinterpret_cast<IntVec>(t < __builtin_convertvector(n, Vec));  // -1 where that rounded up: floor
+  const Vec nf = __builtin_convertvector(n, Vec);
+  const Vec r = x - nf * 0.693145751953125f - nf * 1.428606765330187e-06f;
+  Vec p = r * (1.0f / 720) + (1.0f / 120);
+  p = p * r + (1.0f / 24);
+  p = p * r + (1.0f / 6);
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  return p * reinterpret_cast<Vec>((n + 127) << 23);
+}
 
 // Where the j-th row of a sequence lives.
 struct RowRef {
@@ -24,48 +63,143 @@ RowRef Locate(const AttentionSequence& seq, int64_t j) {
   return {&seq.segments[1], j - seq.segments[0].rows};
 }
 
-// Attention of query rows [q_begin, q_end) of one sequence and head. `scores` holds
-// length() floats. Inlined into one copy per instruction set (see kAttendTile).
-[[gnu::always_inline]] inline void AttendTileBody(const AttentionSequence& seq, int64_t head_offset, int64_t head_dim,
-                                                  int64_t row_stride, int64_t q_begin, int64_t q_end, float* scores) {
-  const int64_t length = seq.length();
-  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  for (int64_t i = q_begin; i < q_end; ++i) {
-    const RowRef qi = Locate(seq, i);
-    const float* q = qi.segment->q + qi.row * row_stride + head_offset;
-    float max_score = -INFINITY;
-    int64_t j = 0;
-    for (int s = 0; s < seq.num_segments; ++s) {
-      const AttentionSegment& seg = seq.segments[s];
-      for (int64_t r = 0; r < seg.rows; ++r, ++j) {
-        const float* k = seg.k + r * row_stride + head_offset;
-        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t e = 0; e < head_dim; ++e) dot += q[e] * k[e];
-        scores[j] = dot * scale;
-        max_score = std::max(max_score, scores[j]);
-      }
-    }
-    float sum = 0.0f;
-    for (j = 0; j < length; ++j) {
-      scores[j] = std::exp(scores[j] - max_score);
-      sum += scores[j];
-    }
-    float* out = qi.segment->out + qi.row * row_stride + head_offset;
-    std::fill(out, out + head_dim, 0.0f);
-    j = 0;
-    for (int s = 0; s < seq.num_segments; ++s) {
-      const AttentionSegment& seg = seq.segments[s];
-      for (int64_t r = 0; r < seg.rows; ++r, ++j) {
-        const float* v = seg.v + r * row_stride + head_offset;
-        const float p = scores[j];
-#pragma omp simd
-        for (int64_t e = 0; e < head_dim; ++e) out[e] += p * v[e];
-      }
-    }
-    const float inv_sum = 1.0f / sum;
-    for (int64_t e = 0; e < head_dim; ++e) out[e] *= inv_sum;
+int64_t RoundUp(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
+
+// One sequence and head's keys and values, packed so the kernels read them with unit
+// stride: keys transposed and pre-scaled by 1/sqrt(hd), key_t[e * padded_length + j]
+// (columns past the length are zero); values[j * padded_dim + e] (features past hd zero).
+struct PackedHead {
+  float* key_t;
+  float* values;
+  int64_t length, padded_length, head_dim, padded_dim;
+};
+
+int64_t PackedHeadFloats(int64_t length, int64_t head_dim) {
+  return head_dim * RoundUp(length, kKeyBlock) + length * RoundUp(head_dim, kVector);
+}
+
+void PackHead(const AttentionSequence& seq, int64_t head_offset, int64_t row_stride, float scale, PackedHead& packed) {
+  std::fill_n(packed.key_t, packed.head_dim * packed.padded_length, 0.0f);
+  for (int64_t j = 0; j < packed.length; ++j) {
+    const RowRef ref = Locate(seq, j);
+    const float* k = ref.segment->k + ref.row * row_stride + head_offset;
+    const float* v = ref.segment->v + ref.row * row_stride + head_offset;
+    for (int64_t e = 0; e < packed.head_dim; ++e) packed.key_t[e * packed.padded_length + j] = k[e] * scale;
+    float* value_row = packed.values + j * packed.padded_dim;
+    std::copy_n(v, packed.head_dim, value_row);
+    std::fill(value_row + packed.head_dim, value_row + packed.padded_dim, 0.0f);
   }
+}
+
+// scores[r][j] = q_r . key_j (scaled) for kRows query rows and all padded key columns;
+// returns nothing, the caller reduces. kRows query rows at a time share every key load.
+template <int kRows>
+[[gnu::always_inline]] inline void ScoreRows(const float* const* q, const PackedHead& kv, float* scores,
+                                             int64_t scores_stride) {
+  for (int64_t j = 0; j < kv.padded_length; j += kKeyBlock) {
+    Vec acc[kRows][2] = {};
+    const float* key_column = kv.key_t + j;
+    for (int64_t e = 0; e < kv.head_dim; ++e, key_column += kv.padded_length) {
+      const Vec k0 = Load(key_column), k1 = Load(key_column + kVector);
+      for (int r = 0; r < kRows; ++r) {
+        const Vec qe = Broadcast(q[r][e]);
+        acc[r][0] += qe * k0;
+        acc[r][1] += qe * k1;
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      Store(scores + r * scores_stride + j, acc[r][0]);
+      Store(scores + r * scores_stride + j + kVector, acc[r][1]);
+    }
+  }
+}
+
+// In place over one row of `length` scores: p_j = exp(s_j - max); returns sum_j p_j.
+[[gnu::always_inline]] inline float SoftmaxNumerators(float* scores, int64_t length) {
+  float max_score = -INFINITY;
+  for (int64_t j = 0; j < length; ++j) max_score = std::max(max_score, scores[j]);
+  Vec sum = {};
+  int64_t j = 0;
+  for (; j + kVector <= length; j += kVector) {
+    const Vec p = ExpNonPositive(Load(scores + j) - max_score);
+    Store(scores + j, p);
+    sum += p;
+  }
+  float total = 0.0f;
+  for (int64_t e = 0; e < kVector; ++e) total += sum[e];
+  if (j < length) {  // the tail, through a padded copy
+    float tail[kVector] = {};
+    std::copy(scores + j, scores + length, tail);
+    const Vec p = ExpNonPositive(Load(tail) - max_score);
+    for (int64_t e = 0; e < length - j; ++e) total += (scores[j + e] = p[e]);
+  }
+  return total;
+}
+
+// out_r[e0, e0 + 16 kVecs) = sum_j p_r[j] v_j[...] for kRows rows: each value load feeds
+// kRows rows. Scaled by 1/sum_r and written as the rows' first `width` features of the chunk.
+template <int kRows, int kVecs>
+[[gnu::always_inline]] inline void WeightedValues(const float* scores, int64_t scores_stride, const PackedHead& kv,
+                                                  int64_t e0, const float* inv_sum, float* const* out) {
+  Vec acc[kRows][kVecs] = {};
+  const float* value = kv.values + e0;
+  for (int64_t j = 0; j < kv.length; ++j, value += kv.padded_dim) {
+    Vec v[kVecs];
+    for (int c = 0; c < kVecs; ++c) v[c] = Load(value + c * kVector);
+    for (int r = 0; r < kRows; ++r) {
+      const Vec p = Broadcast(scores[r * scores_stride + j]);
+      for (int c = 0; c < kVecs; ++c) acc[r][c] += p * v[c];
+    }
+  }
+  const int64_t width = std::min<int64_t>(kVecs * kVector, kv.head_dim - e0);
+  for (int r = 0; r < kRows; ++r) {
+    float row[kVecs * kVector];
+    for (int c = 0; c < kVecs; ++c) Store(row + c * kVector, acc[r][c] * inv_sum[r]);
+    std::copy_n(row, width, out[r] + e0);
+  }
+}
+
+template <int kRows>
+[[gnu::always_inline]] inline void WeightedValueRows(const float* scores, int64_t scores_stride, const PackedHead& kv,
+                                                     const float* inv_sum, float* const* out) {
+  int64_t e0 = 0;
+  for (; e0 + 4 * kVector <= kv.padded_dim; e0 += 4 * kVector) {
+    WeightedValues<kRows, 4>(scores, scores_stride, kv, e0, inv_sum, out);
+  }
+  switch ((kv.padded_dim - e0) / kVector) {
+    case 3: WeightedValues<kRows, 3>(scores, scores_stride, kv, e0, inv_sum, out); break;
+    case 2: WeightedValues<kRows, 2>(scores, scores_stride, kv, e0, inv_sum, out); break;
+    case 1: WeightedValues<kRows, 1>(scores, scores_stride, kv, e0, inv_sum, out); break;
+    default: break;
+  }
+}
+
+// kRows query rows starting at sequence row i: scores, softmax, weighted values.
+template <int kRows>
+[[gnu::always_inline]] inline void AttendRows(const AttentionSequence& seq, const PackedHead& kv, int64_t head_offset,
+                                              int64_t row_stride, int64_t i, float* scores) {
+  const float* q[kRows];
+  float* out[kRows];
+  for (int r = 0; r < kRows; ++r) {
+    const RowRef ref = Locate(seq, i + r);
+    q[r] = ref.segment->q + ref.row * row_stride + head_offset;
+    out[r] = ref.segment->out + ref.row * row_stride + head_offset;
+  }
+  ScoreRows<kRows>(q, kv, scores, kv.padded_length);
+  float inv_sum[kRows];
+  for (int r = 0; r < kRows; ++r) inv_sum[r] = 1.0f / SoftmaxNumerators(scores + r * kv.padded_length, kv.length);
+  WeightedValueRows<kRows>(scores, kv.padded_length, kv, inv_sum, out);
+}
+
+// Query rows [q_begin, q_end) of one sequence and head against its packed keys and values.
+// `scores` holds kRowGroup * padded_length floats. Inlined into one copy per instruction
+// set (see kAttendTile).
+[[gnu::always_inline]] inline void AttendTileBody(const AttentionSequence& seq, const PackedHead& kv,
+                                                  int64_t head_offset, int64_t row_stride, int64_t q_begin,
+                                                  int64_t q_end, float* scores) {
+  int64_t i = q_begin;
+  for (; i + kRowGroup <= q_end; i += kRowGroup) AttendRows<kRowGroup>(seq, kv, head_offset, row_stride, i, scores);
+  for (; i < q_end; ++i) AttendRows<1>(seq, kv, head_offset, row_stride, i, scores);
 }
 
 // One row of LayerNormModulate; inlined into one copy per instruction set.
@@ -87,21 +221,20 @@ RowRef Locate(const AttentionSequence& seq, int64_t j) {
 // picked once from the CPU (the binaries are built for any x86-64; no -march=native). Plain
 // function pointers rather than GCC's target_clones: an ifunc resolver runs before the
 // sanitizers' runtimes are up and crashes TSan builds.
-using AttendTileFn = void (*)(const AttentionSequence&, int64_t, int64_t, int64_t, int64_t, int64_t, float*);
+using AttendTileFn = void (*)(const AttentionSequence&, const PackedHead&, int64_t, int64_t, int64_t, int64_t, float*);
 using LayerNormRowFn = void (*)(const float*, int64_t, const float*, const float*, float*);
 
-[[gnu::target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]] void AttendTileAvx512(
-    const AttentionSequence& seq, int64_t head_offset, int64_t head_dim, int64_t row_stride, int64_t q_begin,
-    int64_t q_end, float* scores) {
-  AttendTileBody(seq, head_offset, head_dim, row_stride, q_begin, q_end, scores);
+[[gnu::target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]] void AttendTileAvx512(const AttentionSequence& seq, const PackedHead& kv, int64_t head_offset,
+    int64_t row_stride, int64_t q_begin, int64_t q_end, float* scores) {
+  AttendTileBody(seq, kv, head_offset, row_stride, q_begin, q_end, scores);
 }
-[[gnu::target("avx2,fma")]] void AttendTileAvx2(const AttentionSequence& seq, int64_t head_offset, int64_t head_dim,
-                                                int64_t row_stride, int64_t q_begin, int64_t q_end, float* scores) {
-  AttendTileBody(seq, head_offset, head_dim, row_stride, q_begin, q_end, scores);
+[[gnu::target("avx2,fma")]] void AttendTileAvx2(const AttentionSequence& seq, const PackedHead& kv, int64_t head_offset,
+    int64_t row_stride, int64_t q_begin, int64_t q_end, float* scores) {
+  AttendTileBody(seq, kv, head_offset, row_stride, q_begin, q_end, scores);
 }
-void AttendTileBaseline(const AttentionSequence& seq, int64_t head_offset, int64_t head_dim, int64_t row_stride,
-                        int64_t q_begin, int64_t q_end, float* scores) {
-  AttendTileBody(seq, head_offset, head_dim, row_stride, q_begin, q_end, scores);
+void AttendTileBaseline(const AttentionSequence& seq, const PackedHead& kv, int64_t head_offset,
+    int64_t row_stride, int64_t q_begin, int64_t q_end, float* scores) {
+  AttendTileBody(seq, kv, head_offset, row_stride, q_begin, q_end, scores);
 }
 [[gnu::target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]] void LayerNormRowAvx512(const float* x, int64_t dim,
                                                                                        const float* shift,
@@ -223,29 +356,60 @@ void AddCroppedPositions(const float* table, int64_t table_size, int64_t grid_h,
   }
 }
 
-int64_t AttentionScratchFloats(int64_t max_length, int threads) { return max_length * threads; }
+int64_t AttentionScratchFloats(absl::Span<const int64_t> lengths, int64_t heads, int64_t head_dim, int threads) {
+  int64_t packed = 0, max_length = 0;
+  for (int64_t length : lengths) {
+    packed += heads * PackedHeadFloats(length, head_dim);
+    max_length = std::max(max_length, length);
+  }
+  return packed + threads * kRowGroup * RoundUp(max_length, kKeyBlock);
+}
 
 void Attention(absl::Span<const AttentionSequence> sequences, int64_t heads, int64_t head_dim, int64_t row_stride,
                absl::Span<float> scratch) {
+  // Scratch: every (sequence, head)'s packed keys and values, then each thread's scores.
+  absl::InlinedVector<int64_t, 16> lengths;
+  for (const AttentionSequence& seq : sequences) lengths.push_back(seq.length());
+  assert(static_cast<int64_t>(scratch.size()) >=
+         AttentionScratchFloats(lengths, heads, head_dim, omp_get_max_threads()));
+  absl::InlinedVector<PackedHead, 64> packed;
+  float* next = scratch.data();
+  int64_t max_padded_length = 0;
+  for (int64_t length : lengths) {
+    for (int64_t h = 0; h < heads; ++h) {
+      PackedHead kv{next, next + head_dim * RoundUp(length, kKeyBlock), length, RoundUp(length, kKeyBlock), head_dim,
+                    RoundUp(head_dim, kVector)};
+      packed.push_back(kv);
+      next += PackedHeadFloats(length, head_dim);
+    }
+    max_padded_length = std::max(max_padded_length, RoundUp(length, kKeyBlock));
+  }
+  float* const thread_scores = next;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+
   // Tasks: (sequence, head, query tile), numbered sequence by sequence, so that a batch of
   // short sequences still spreads over all threads. Mapped back by a scan: batches are small.
   auto tiles = [](int64_t length) { return (length + kQueryTile - 1) / kQueryTile; };
-  int64_t total_tasks = 0, max_length = 0;
-  for (const AttentionSequence& seq : sequences) {
-    total_tasks += heads * tiles(seq.length());
-    max_length = std::max(max_length, seq.length());
-  }
-  assert(static_cast<int64_t>(scratch.size()) >= AttentionScratchFloats(max_length, omp_get_max_threads()));
-#pragma omp parallel for schedule(dynamic)
-  for (int64_t task = 0; task < total_tasks; ++task) {
-    int64_t local = task;
-    size_t s = 0;
-    while (local >= heads * tiles(sequences[s].length())) local -= heads * tiles(sequences[s++].length());
-    const int64_t head = local / tiles(sequences[s].length());
-    const int64_t q_begin = (local % tiles(sequences[s].length())) * kQueryTile;
-    const int64_t q_end = std::min(q_begin + kQueryTile, sequences[s].length());
-    float* scores = scratch.data() + omp_get_thread_num() * max_length;
-    kAttendTile(sequences[s], head * head_dim, head_dim, row_stride, q_begin, q_end, scores);
+  int64_t total_tasks = 0;
+  for (int64_t length : lengths) total_tasks += heads * tiles(length);
+  const int64_t total_heads = static_cast<int64_t>(packed.size());
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t sh = 0; sh < total_heads; ++sh) {
+      PackHead(sequences[sh / heads], (sh % heads) * head_dim, row_stride, scale, packed[sh]);
+    }
+    float* scores = thread_scores + omp_get_thread_num() * kRowGroup * max_padded_length;
+#pragma omp for schedule(dynamic)
+    for (int64_t task = 0; task < total_tasks; ++task) {
+      int64_t local = task;
+      size_t s = 0;
+      while (local >= heads * tiles(lengths[s])) local -= heads * tiles(lengths[s++]);
+      const int64_t head = local / tiles(lengths[s]);
+      const int64_t q_begin = (local % tiles(lengths[s])) * kQueryTile;
+      const int64_t q_end = std::min(q_begin + kQueryTile, lengths[s]);
+      kAttendTile(sequences[s], packed[s * heads + head], head * head_dim, row_stride, q_begin, q_end, scores);
+    }
   }
 }
 

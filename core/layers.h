@@ -59,11 +59,14 @@ struct AttentionSequence {
   int64_t length() const { return segments[0].rows + (num_segments > 1 ? segments[1].rows : 0); }
 };
 
-// Floats of scratch Attention needs for `threads` threads and sequences up to `max_length`.
-int64_t AttentionScratchFloats(int64_t max_length, int threads);
+// Floats of scratch Attention needs for sequences of these lengths on `threads` threads.
+int64_t AttentionScratchFloats(absl::Span<const int64_t> lengths, int64_t heads, int64_t head_dim, int threads);
 
 // For every sequence and head (features [h*hd, (h+1)*hd)): out = softmax(Q K^T / sqrt(hd)) V,
-// no mask. `scratch` holds AttentionScratchFloats(max length, omp_get_max_threads()) floats.
+// no mask. `scratch` holds AttentionScratchFloats(the sequences' lengths, heads, head_dim,
+// omp_get_max_threads()) floats. Keys and values are packed per head first; query rows then
+// run in register-blocked tiles with a vectorised exp, and only a few rows of scores exist
+// at a time (never an [L, L] matrix).
 void Attention(absl::Span<const AttentionSequence> sequences, int64_t heads, int64_t head_dim, int64_t row_stride,
                absl::Span<float> scratch);
 

@@ -159,29 +159,71 @@ void NaiveAttention(const std::vector<const Tensor*>& q, const std::vector<const
   }
 }
 
-TEST(Attention, MatchesNaiveSoftmaxOverConcatenatedSegments) {
-  const int64_t heads = 3, hd = 8, dim = heads * hd;
-  // Two sequences: (text 5 + image 40 rows: more than one query tile) and (image 7 alone).
-  const Tensor tq = RandomTensor({5, dim}, 20), tk = RandomTensor({5, dim}, 21), tv = RandomTensor({5, dim}, 22);
-  const Tensor iq = RandomTensor({40, dim}, 23), ik = RandomTensor({40, dim}, 24), iv = RandomTensor({40, dim}, 25);
-  const Tensor sq = RandomTensor({7, dim}, 26), sk = RandomTensor({7, dim}, 27), sv = RandomTensor({7, dim}, 28);
-  Tensor t_out({5, dim}), i_out({40, dim}), s_out({7, dim});
+struct AttentionCase {
+  int64_t heads, head_dim, text_rows, image_rows, alone_rows;
+  float magnitude;  // of q and k: larger makes sharper softmax rows
+  double tolerance;
+};
+
+class AttentionTest : public ::testing::TestWithParam<AttentionCase> {};
+
+// Two sequences: (text + image rows, two segments) and (image rows alone).
+TEST_P(AttentionTest, MatchesNaiveSoftmaxOverConcatenatedSegments) {
+  const AttentionCase p = GetParam();
+  const int64_t heads = p.heads, hd = p.head_dim, dim = heads * hd;
+  const int64_t nt = p.text_rows, ni = p.image_rows, ns = p.alone_rows;
+  const Tensor tq = RandomTensor({nt, dim}, 20, p.magnitude), tk = RandomTensor({nt, dim}, 21, p.magnitude),
+               tv = RandomTensor({nt, dim}, 22);
+  const Tensor iq = RandomTensor({ni, dim}, 23, p.magnitude), ik = RandomTensor({ni, dim}, 24, p.magnitude),
+               iv = RandomTensor({ni, dim}, 25);
+  const Tensor sq = RandomTensor({ns, dim}, 26, p.magnitude), sk = RandomTensor({ns, dim}, 27, p.magnitude),
+               sv = RandomTensor({ns, dim}, 28);
+  Tensor t_out({nt, dim}), i_out({ni, dim}), s_out({ns, dim});
   AttentionSequence joint, alone;
-  joint.segments[0] = {tq.data.data(), tk.data.data(), tv.data.data(), t_out.data.data(), 5};
-  joint.segments[1] = {iq.data.data(), ik.data.data(), iv.data.data(), i_out.data.data(), 40};
+  joint.segments[0] = {tq.data.data(), tk.data.data(), tv.data.data(), t_out.data.data(), nt};
+  joint.segments[1] = {iq.data.data(), ik.data.data(), iv.data.data(), i_out.data.data(), ni};
   joint.num_segments = 2;
-  alone.segments[0] = {sq.data.data(), sk.data.data(), sv.data.data(), s_out.data.data(), 7};
+  alone.segments[0] = {sq.data.data(), sk.data.data(), sv.data.data(), s_out.data.data(), ns};
   alone.num_segments = 1;
-  std::vector<float> scratch(AttentionScratchFloats(45, omp_get_max_threads()));
+  const int64_t lengths[] = {nt + ni, ns};
+  // Poisoned scratch: the kernel must not read what it did not write.
+  std::vector<float> scratch(AttentionScratchFloats(lengths, heads, hd, omp_get_max_threads()), NAN);
   const AttentionSequence sequences[] = {joint, alone};
   Attention(sequences, heads, hd, dim, absl::MakeSpan(scratch));
 
-  Tensor t_naive({5, dim}), i_naive({40, dim}), s_naive({7, dim});
+  Tensor t_naive({nt, dim}), i_naive({ni, dim}), s_naive({ns, dim});
   NaiveAttention({&tq, &iq}, {&tk, &ik}, {&tv, &iv}, heads, hd, {&t_naive, &i_naive});
   NaiveAttention({&sq}, {&sk}, {&sv}, heads, hd, {&s_naive});
-  EXPECT_LE(MaxAbsDiff(t_out, t_naive), kTolerance);
-  EXPECT_LE(MaxAbsDiff(i_out, i_naive), kTolerance);
-  EXPECT_LE(MaxAbsDiff(s_out, s_naive), kTolerance);
+  EXPECT_LE(MaxAbsDiff(t_out, t_naive), p.tolerance);
+  EXPECT_LE(MaxAbsDiff(i_out, i_naive), p.tolerance);
+  EXPECT_LE(MaxAbsDiff(s_out, s_naive), p.tolerance);
+}
+
+// The sharp case's scores reach ~100, where float32 rounding of the dot products alone moves
+// the weights by ~2e-5 (std::exp in place of the kernel's exp gives the same error).
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, AttentionTest,
+    ::testing::Values(AttentionCase{3, 8, 5, 40, 7, 1.0f, kTolerance},     // head dim under one vector; 2 tiles
+                      AttentionCase{2, 64, 13, 100, 33, 1.0f, kTolerance},  // SD3's head dim; rows not 4k
+                      AttentionCase{2, 72, 3, 61, 1, 1.0f, kTolerance},     // 4 + 1 value vectors; one-row sequence
+                      AttentionCase{1, 20, 1, 1, 2, 1.0f, kTolerance},      // two-row sequences: mostly padding
+                      AttentionCase{2, 16, 7, 90, 17, 6.0f, 5e-5}));        // sharp softmax: exp far into its range
+
+TEST(ExpInAttention, OneHotSoftmaxFromAVeryLargeScore) {
+  // One key scores ~1e4 above the rest: every other weight underflows to zero, and the
+  // output is that key's value exactly.
+  const int64_t hd = 4, rows = 3;
+  Tensor q({rows, hd}), k({rows, hd}), v = RandomTensor({rows, hd}, 30), out({rows, hd});
+  for (int64_t r = 0; r < rows; ++r) q.data[r * hd] = 100.0f;
+  k.data[1 * hd] = 200.0f;  // key 1 scores 100 * 200 / 2 for every query
+  AttentionSequence seq;
+  seq.segments[0] = {q.data.data(), k.data.data(), v.data.data(), out.data.data(), rows};
+  seq.num_segments = 1;
+  const int64_t lengths[] = {rows};
+  std::vector<float> scratch(AttentionScratchFloats(lengths, 1, hd, omp_get_max_threads()));
+  Attention({&seq, 1}, 1, hd, hd, absl::MakeSpan(scratch));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t e = 0; e < hd; ++e) EXPECT_EQ(out.data[r * hd + e], v.data[1 * hd + e]);
 }
 
 }  // namespace
