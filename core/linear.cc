@@ -44,6 +44,14 @@ dnnl::matmul::primitive_desc MakeDesc(const dnnl::engine& engine, int64_t rows, 
 
 }  // namespace
 
+// Through the C API: the C++ `execute` copies its argument map into a fresh vector on every
+// call, and this runs ~200 times per forward.
+void Linear::Execute(const dnnl::primitive& primitive, std::initializer_list<dnnl_exec_arg_t> args) {
+  dnnl::error::wrap_c_api(dnnl_primitive_execute(primitive.get(), context_->stream.get(),
+                                                 static_cast<int>(args.size()), std::data(args)),
+                          "could not execute a primitive");
+}
+
 absl::StatusOr<std::unique_ptr<DnnlContext>> DnnlContext::Create(ComputeDType compute) {
   try {
     auto context = std::make_unique<DnnlContext>();
@@ -87,8 +95,16 @@ absl::StatusOr<Linear::RowPrimitives*> Linear::PrimitivesForRows(int64_t rows) {
     const ComputeDType compute = context_->compute;
     const auto desc =
         MakeDesc(context_->engine, rows, in_features_, out_features_, packed_weights_.get_desc(), epilogue_, compute);
-    RowPrimitives primitives{dnnl::matmul(desc), {}};
-    if (compute == ComputeDType::kBF16) primitives.to_bf16 = Bf16Conversion(context_->engine, rows, in_features_);
+    const dnnl::engine& engine = context_->engine;
+    RowPrimitives primitives{dnnl::matmul(desc),
+                             {},
+                             dnnl::memory({{rows, in_features_}, dt::f32, tag::ab}, engine, nullptr),
+                             {},
+                             dnnl::memory({{rows, out_features_}, dt::f32, tag::ab}, engine, nullptr)};
+    if (compute == ComputeDType::kBF16) {
+      primitives.to_bf16 = Bf16Conversion(engine, rows, in_features_);
+      primitives.bf16_source = dnnl::memory({{rows, in_features_}, dt::bf16, tag::ab}, engine, nullptr);
+    }
     return &primitives_by_rows_.emplace(rows, std::move(primitives)).first->second;
   } catch (const dnnl::error& e) {
     return DnnlError(e, absl::StrCat("matmul for ", rows, " x ", in_features_, " x ", out_features_));
@@ -97,23 +113,25 @@ absl::StatusOr<Linear::RowPrimitives*> Linear::PrimitivesForRows(int64_t rows) {
 
 absl::Status Linear::Forward(const float* x, int64_t rows, float* y) {
   if (rows == 0) return absl::OkStatus();
+  if (context_->trace) context_->trace->push_back({rows, in_features_, out_features_, epilogue_});
   auto primitives = PrimitivesForRows(rows);
   if (!primitives.ok()) return primitives.status();
   try {
-    const dnnl::engine& engine = context_->engine;
-    dnnl::memory source({{rows, in_features_}, dt::f32, tag::ab}, engine, const_cast<float*>(x));
+    RowPrimitives& p = **primitives;
+    p.f32_source.set_data_handle(const_cast<float*>(x));
+    p.destination.set_data_handle(y);
+    const dnnl::memory* source = &p.f32_source;
     if (context_->compute == ComputeDType::kBF16) {
       std::vector<uint16_t>& converted = context_->bf16_input;
       if (converted.size() < static_cast<size_t>(rows * in_features_)) converted.resize(rows * in_features_);
-      dnnl::memory bf16_source({{rows, in_features_}, dt::bf16, tag::ab}, engine, converted.data());
-      (*primitives)->to_bf16.execute(context_->stream, source, bf16_source);
-      source = bf16_source;
+      p.bf16_source.set_data_handle(converted.data());
+      Execute(p.to_bf16, {{DNNL_ARG_FROM, p.f32_source.get()}, {DNNL_ARG_TO, p.bf16_source.get()}});
+      source = &p.bf16_source;
     }
-    dnnl::memory dst({{rows, out_features_}, dt::f32, tag::ab}, engine, y);
-    (*primitives)
-        ->matmul.execute(
-            context_->stream,
-            {{DNNL_ARG_SRC, source}, {DNNL_ARG_WEIGHTS, packed_weights_}, {DNNL_ARG_BIAS, bias_}, {DNNL_ARG_DST, dst}});
+    Execute(p.matmul, {{DNNL_ARG_SRC, source->get()},
+                       {DNNL_ARG_WEIGHTS, packed_weights_.get()},
+                       {DNNL_ARG_BIAS, bias_.get()},
+                       {DNNL_ARG_DST, p.destination.get()}});
     context_->stream.wait();
   } catch (const dnnl::error& e) {
     return DnnlError(e, "matmul execution");

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <unordered_map>
 #include <vector>
@@ -15,6 +16,14 @@
 
 namespace mmdit {
 
+enum class Epilogue { kNone, kGeluTanh };
+
+// The shape of one executed product, recorded for benchmarks (see DnnlContext::trace).
+struct MatmulCall {
+  int64_t rows, in, out;
+  Epilogue epilogue;
+};
+
 // The oneDNN CPU engine and the stream all of a model's primitives run on.
 struct DnnlContext {
   dnnl::engine engine;
@@ -23,10 +32,11 @@ struct DnnlContext {
   // kBF16: the current product's input converted to bf16, shared by every Linear of the
   // model (their Forward calls are serialised); grows to the largest input, never shrinks.
   std::vector<uint16_t> bf16_input;
+  // When set, every Linear::Forward appends its shape here (the roofline benchmark replays
+  // a forward's products on their own).
+  std::vector<MatmulCall>* trace = nullptr;
   static absl::StatusOr<std::unique_ptr<DnnlContext>> Create(ComputeDType compute);
 };
-
-enum class Epilogue { kNone, kGeluTanh };
 
 // Thread-compatible: Forward caches one primitive per row count, so callers serialise.
 class Linear {
@@ -43,11 +53,17 @@ class Linear {
 
  private:
   Linear() = default;
+  // Everything one row count needs, made once: executing then allocates nothing on our side
+  // (the memory objects only get their data pointers swapped in).
   struct RowPrimitives {
     dnnl::matmul matmul;
-    dnnl::reorder to_bf16;  // kBF16 only: float32 input to bf16
+    dnnl::reorder to_bf16;     // kBF16 only: float32 input to bf16
+    dnnl::memory f32_source;   // [rows, in] float32
+    dnnl::memory bf16_source;  // kBF16 only: [rows, in] bf16, over DnnlContext::bf16_input
+    dnnl::memory destination;  // [rows, out] float32
   };
   absl::StatusOr<RowPrimitives*> PrimitivesForRows(int64_t rows);
+  void Execute(const dnnl::primitive& primitive, std::initializer_list<dnnl_exec_arg_t> args);  // throws dnnl::error
 
   DnnlContext* context_ = nullptr;
   int64_t in_features_ = 0, out_features_ = 0;
