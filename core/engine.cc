@@ -6,6 +6,7 @@
 #include <cmath>
 #include <filesystem>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/container/inlined_vector.h"
 #include "absl/strings/str_cat.h"
 #include "core/checkpoint.h"
@@ -516,7 +517,8 @@ absl::Status FinalLayer(Pass& pass, EngineModel& m, float* y) {
 
 }  // namespace
 
-absl::StatusOr<std::vector<Tensor>> Engine::Forward(absl::Span<const SampleInput> batch) {
+absl::StatusOr<std::vector<Tensor>> Engine::Forward(absl::Span<const SampleInput> batch,
+                                                    std::vector<MatmulCall>* matmul_trace) {
   if (batch.empty()) return std::vector<Tensor>();
   for (size_t b = 0; b < batch.size(); ++b) {
     if (absl::Status status = ValidateSample(batch[b]); !status.ok()) {
@@ -556,6 +558,8 @@ absl::StatusOr<std::vector<Tensor>> Engine::Forward(absl::Span<const SampleInput
       c, batch, ws.image_rows, ws.text_rows, conditioning, conditioning_scratch, absl::MakeSpan(ws.attention_scratch)};
 
   EngineModel& m = *model_;
+  m.dnnl->trace = matmul_trace;
+  absl::Cleanup stop_tracing = [&m] { m.dnnl->trace = nullptr; };
   RETURN_IF_ERROR(EmbedImage(pass, m.patch_embed, m.pos_table));
   RETURN_IF_ERROR(EmbedConditioning(pass, m));
   RETURN_IF_ERROR(EmbedText(pass, m.context_embedder));

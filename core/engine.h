@@ -10,6 +10,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "core/compute_dtype.h"
+#include "core/linear.h"
 #include "core/model_config.h"
 #include "core/tensor.h"
 #include "core/weights.h"
@@ -60,7 +61,10 @@ class Engine {
   // token form [N, p*p*Co]. Each sample's result equals that sample run alone (to float
   // rounding). Errors: InvalidArgument "sample i: ..." (see ValidateSample), Internal.
   // Thread-safe: concurrent calls run one after another.
-  absl::StatusOr<std::vector<Tensor>> Forward(absl::Span<const SampleInput> batch);
+  // `matmul_trace`, when given, receives the shape of every matrix product the pass ran, in
+  // order (for benchmarks).
+  absl::StatusOr<std::vector<Tensor>> Forward(absl::Span<const SampleInput> batch,
+                                              std::vector<MatmulCall>* matmul_trace = nullptr);
 
   // Tokens of `sample` (which must be valid).
   SampleTokens TokensOf(const SampleInput& sample) const;

@@ -82,6 +82,13 @@ absl::StatusOr<double> Flags::Double(const std::string& name, double fallback) c
   return value;
 }
 
+absl::StatusOr<bool> Flags::Bool(const std::string& name, bool fallback) const {
+  if (!Has(name)) return fallback;
+  if (values_.at(name) == "true") return true;
+  if (values_.at(name) == "false") return false;
+  return absl::InvalidArgumentError(absl::StrCat("--", name, " must be true or false, got '", values_.at(name), "'"));
+}
+
 absl::StatusOr<std::vector<int64_t>> Flags::IntList(const std::string& name) const {
   std::vector<int64_t> out;
   for (absl::string_view part : absl::StrSplit(String(name), ',')) {

@@ -32,6 +32,8 @@ class Flags {
   absl::StatusOr<int64_t> Int(const std::string& name, int64_t fallback) const;
   absl::StatusOr<int64_t> RequiredInt(const std::string& name) const;
   absl::StatusOr<double> Double(const std::string& name, double fallback) const;
+  // "true" or "false"; anything else is InvalidArgument naming the flag.
+  absl::StatusOr<bool> Bool(const std::string& name, bool fallback) const;
   // "16,128,128" -> {16, 128, 128}.
   absl::StatusOr<std::vector<int64_t>> IntList(const std::string& name) const;
 

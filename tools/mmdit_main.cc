@@ -4,7 +4,7 @@
 //   mmdit inspect --model DIR [--img_tokens N]
 //   mmdit init    --out DIR --preset NAME --seed S [--weights_dtype f32|bf16|f16] [size overrides]
 //   mmdit bench   --model DIR --batch B (--img_tokens N | --latent C,H,W) --txt_tokens T [--iters K] [--warmup W]
-//   [--threads N]
+//                 [--threads N] [--dtype f32|bf16] [--roofline true]
 // Exit 0 on success; on error one line on stderr naming the problem, exit 1 (2 for usage).
 #include <omp.h>
 
@@ -24,6 +24,7 @@
 #include "nlohmann/json.hpp"
 #include "tools/batch_inputs.h"
 #include "tools/flags.h"
+#include "tools/roofline.h"
 
 namespace mmdit {
 namespace {
@@ -39,7 +40,8 @@ constexpr char kUsage[] =
     "          --num_heads --mlp_ratio --img_dim --txt_dim --cond_dim --patch_size --in_channels\n"
     "          --out_channels --pos_embed_max_size --sample_size --qk_norm true|false]\n"
     "  bench   --model DIR --batch B (--img_tokens N | --latent C,H,W) --txt_tokens T [--iters K]\n"
-    "          [--warmup W] [--threads N] [--dtype f32|bf16]\n";
+    "          [--warmup W] [--threads N] [--dtype f32|bf16] [--roofline true]\n"
+    "          --roofline also times the forward's matrix products alone and prints the ratio\n";
 
 absl::Status SetThreads(const Flags& flags) {
   ASSIGN_OR_RETURN(int64_t threads, flags.Int("threads", 0));
@@ -134,7 +136,7 @@ absl::Status ApplyOverrides(const Flags& flags, ModelConfig& c) {
     ASSIGN_OR_RETURN(int64_t size, flags.Int("pos_embed_max_size", 0));
     c.pos_embed_max_size = size > 0 ? std::optional<int64_t>(size) : std::nullopt;
   }
-  if (flags.Has("qk_norm")) c.qk_norm = flags.String("qk_norm") == "true";
+  ASSIGN_OR_RETURN(c.qk_norm, flags.Bool("qk_norm", c.qk_norm));
   // Layers removed by --depth leave the dual-attention list.
   std::erase_if(c.dual_attention_layers, [&](int64_t layer) { return layer >= c.num_layers; });
   return ValidateModelConfig(c);
@@ -215,7 +217,7 @@ absl::Status Bench(const Flags& flags) {
     if (i >= warmup) times_ms.push_back(ms);
   }
   const double gflop = ForwardFlops(c, tokens) / 1e9, median = Percentile(times_ms, 0.5);
-  const json result = {
+  json result = {
       {"batch", batch},
       {"dtype", ComputeDTypeName(options.compute)},
       {"img_shape", img_shape},
@@ -227,6 +229,20 @@ absl::Status Bench(const Flags& flags) {
       {"gflop_per_forward", gflop},
       {"gflops", gflop / (median / 1e3)},
   };
+  ASSIGN_OR_RETURN(bool roofline, flags.Bool("roofline", false));
+  if (roofline) {
+    // The same forward's products replayed alone, in this process, right after the forwards.
+    std::vector<MatmulCall> calls;
+    RETURN_IF_ERROR(engine->Forward(samples, &calls).status());
+    double matmul_gflop = 0;
+    for (const MatmulCall& call : calls) matmul_gflop += 2.0 * call.rows * call.in * call.out / 1e9;
+    ASSIGN_OR_RETURN(double matmul_ms, StandaloneMatmulMs(options.compute, calls, static_cast<int>(iters)));
+    result["matmuls"] = calls.size();
+    result["matmul_gflop"] = matmul_gflop;
+    result["standalone_matmul_ms"] = matmul_ms;
+    result["standalone_matmul_gflops"] = matmul_gflop / (matmul_ms / 1e3);
+    result["forward_over_standalone_matmuls"] = median / matmul_ms;
+  }
   std::cout << result.dump() << "\n";
   return absl::OkStatus();
 }
@@ -246,7 +262,7 @@ int Main(int argc, char** argv) {
        {"out", "preset", "seed", "weights_dtype", "hidden_size", "depth", "num_heads", "mlp_ratio", "img_dim",
         "txt_dim", "cond_dim", "patch_size", "in_channels", "out_channels", "pos_embed_max_size", "sample_size",
         "qk_norm"}},
-      {"bench", Bench, {"model", "batch", "img_tokens", "latent", "txt_tokens", "iters", "warmup", "threads", "dtype"}},
+      {"bench", Bench, {"model", "batch", "img_tokens", "latent", "txt_tokens", "iters", "warmup", "threads", "dtype", "roofline"}},
   };
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "help") {
     std::cerr << kUsage;
