@@ -35,13 +35,14 @@ constexpr ModulationLayout kContextPreOnly = {2, {1, 0, -1}, {-1, -1, -1}, {-1, 
 // Prepared weights.
 
 struct StreamBlock {  // one stream's half of a joint block
-  Linear modulation, q, k, v;
+  Linear modulation;
+  Linear qkv;  // to_q, to_k, to_v stacked: one product, rows [q | k | v]
   std::optional<Tensor> q_norm, k_norm;
   std::optional<Linear> out, ff_in, ff_out;  // absent in a context-pre-only text stream
 };
 
 struct SelfAttentionBlock {
-  Linear q, k, v, out;
+  Linear qkv, out;
   std::optional<Tensor> q_norm, k_norm;
 };
 
@@ -67,9 +68,7 @@ struct StreamRows {
   int64_t total = 0;
   float* x = nullptr;             // [total, D] the residual stream
   float* normed = nullptr;        // [total, D] LN + modulation
-  float* q = nullptr;             // [total, D]
-  float* k = nullptr;             // [total, D]
-  float* v = nullptr;             // [total, D]
+  float* qkv = nullptr;           // [total, 3D]: each row's q, k, v
   float* attended = nullptr;      // [total, D]
   float* projected = nullptr;     // [total, D]
   float* mlp_hidden = nullptr;    // [total, mlp]
@@ -110,9 +109,8 @@ void PlanStream(std::vector<float>& buffer, int64_t batch, int64_t dim, int64_t 
   }
   s.modulation_stride = chunks * dim;
   Carver carve(buffer, s.total * (7 * dim + mlp) + batch * s.modulation_stride);
-  for (float** piece : {&s.x, &s.normed, &s.q, &s.k, &s.v, &s.attended, &s.projected}) {
-    *piece = carve.Take(s.total * dim);
-  }
+  for (float** piece : {&s.x, &s.normed, &s.attended, &s.projected}) *piece = carve.Take(s.total * dim);
+  s.qkv = carve.Take(s.total * 3 * dim);
   s.mlp_hidden = carve.Take(s.total * mlp);
   s.modulation = carve.Take(batch * s.modulation_stride);
 }
@@ -132,20 +130,19 @@ void GateIntoResidual(StreamRows& s, const float* y, AdaLnSite site, int64_t dim
   }
 }
 
-// q, k, v of `normed` rows, with the optional RMS qk-norm.
+// q, k, v of `normed` rows in one product, with the optional RMS qk-norm.
 template <typename Block>
 absl::Status ProjectQkv(Block& w, const StreamRows& s, const float* normed, int64_t heads, int64_t head_dim) {
-  RETURN_IF_ERROR(w.q.Forward(normed, s.total, s.q));
-  RETURN_IF_ERROR(w.k.Forward(normed, s.total, s.k));
-  RETURN_IF_ERROR(w.v.Forward(normed, s.total, s.v));
-  if (w.q_norm) RmsNormHeads(s.q, s.total, heads, head_dim, w.q_norm->data.data());
-  if (w.k_norm) RmsNormHeads(s.k, s.total, heads, head_dim, w.k_norm->data.data());
+  const int64_t dim = heads * head_dim;
+  RETURN_IF_ERROR(w.qkv.Forward(normed, s.total, s.qkv));
+  if (w.q_norm) RmsNormHeads(s.qkv, s.total, 3 * dim, heads, head_dim, w.q_norm->data.data());
+  if (w.k_norm) RmsNormHeads(s.qkv + dim, s.total, 3 * dim, heads, head_dim, w.k_norm->data.data());
   return absl::OkStatus();
 }
 
 AttentionSegment SegmentOf(const StreamRows& s, int64_t sample, int64_t dim) {
-  const int64_t at = s.offset[sample] * dim;
-  return {s.q + at, s.k + at, s.v + at, s.attended + at, s.rows[sample]};
+  const float* q = s.qkv + s.offset[sample] * 3 * dim;
+  return {q, q + dim, q + 2 * dim, s.attended + s.offset[sample] * dim, s.rows[sample]};
 }
 
 }  // namespace
@@ -171,13 +168,10 @@ namespace {
 absl::StatusOr<StreamBlock> PrepareStream(DnnlContext& dnnl, StreamBlockWeights w) {
   auto linear = [&](LinearWeights& lw, Epilogue e = Epilogue::kNone) { return Linear::Create(dnnl, std::move(lw), e); };
   ASSIGN_OR_RETURN(Linear modulation, linear(w.modulation));
-  ASSIGN_OR_RETURN(Linear q, linear(w.q));
-  ASSIGN_OR_RETURN(Linear k, linear(w.k));
-  ASSIGN_OR_RETURN(Linear v, linear(w.v));
+  LinearWeights qkv_weights = StackOutputs({std::move(w.q), std::move(w.k), std::move(w.v)});
+  ASSIGN_OR_RETURN(Linear qkv, linear(qkv_weights));
   StreamBlock s{std::move(modulation),
-                std::move(q),
-                std::move(k),
-                std::move(v),
+                std::move(qkv),
                 std::move(w.q_norm),
                 std::move(w.k_norm),
                 {},
@@ -192,12 +186,10 @@ absl::StatusOr<StreamBlock> PrepareStream(DnnlContext& dnnl, StreamBlockWeights 
 }
 
 absl::StatusOr<SelfAttentionBlock> PrepareSelfAttention(DnnlContext& dnnl, SelfAttentionWeights w) {
-  ASSIGN_OR_RETURN(Linear q, Linear::Create(dnnl, std::move(w.q), Epilogue::kNone));
-  ASSIGN_OR_RETURN(Linear k, Linear::Create(dnnl, std::move(w.k), Epilogue::kNone));
-  ASSIGN_OR_RETURN(Linear v, Linear::Create(dnnl, std::move(w.v), Epilogue::kNone));
+  LinearWeights qkv_weights = StackOutputs({std::move(w.q), std::move(w.k), std::move(w.v)});
+  ASSIGN_OR_RETURN(Linear qkv, Linear::Create(dnnl, std::move(qkv_weights), Epilogue::kNone));
   ASSIGN_OR_RETURN(Linear out, Linear::Create(dnnl, std::move(w.out), Epilogue::kNone));
-  return SelfAttentionBlock{std::move(q),   std::move(k),        std::move(v),
-                            std::move(out), std::move(w.q_norm), std::move(w.k_norm)};
+  return SelfAttentionBlock{std::move(qkv), std::move(out), std::move(w.q_norm), std::move(w.k_norm)};
 }
 
 }  // namespace
@@ -448,7 +440,8 @@ void JointAttention(Pass& pass) {
     sequences[b].segments[1] = SegmentOf(pass.image, b, d);
     sequences[b].num_segments = 2;
   }
-  Attention(sequences, pass.config.num_attention_heads, pass.config.attention_head_dim, d, pass.attention_scratch);
+  Attention(sequences, pass.config.num_attention_heads, pass.config.attention_head_dim, {3 * d, d},
+            pass.attention_scratch);
 }
 
 // x += gate * out(attended).
@@ -479,7 +472,8 @@ absl::Status DualSelfAttention(Pass& pass, SelfAttentionBlock& w, AdaLnSite site
     sequences[b].segments[0] = SegmentOf(s, b, c.hidden());
     sequences[b].num_segments = 1;
   }
-  Attention(sequences, c.num_attention_heads, c.attention_head_dim, c.hidden(), pass.attention_scratch);
+  Attention(sequences, c.num_attention_heads, c.attention_head_dim, {3 * c.hidden(), c.hidden()},
+            pass.attention_scratch);
   RETURN_IF_ERROR(w.out.Forward(s.attended, s.total, s.projected));
   GateIntoResidual(s, s.projected, site, c.hidden());
   return absl::OkStatus();

@@ -81,12 +81,12 @@ int64_t PackedHeadFloats(int64_t length, int64_t head_dim) {
   return head_dim * RoundUp(length, kKeyBlock) + length * RoundUp(head_dim, kVector);
 }
 
-void PackHead(const AttentionSequence& seq, int64_t head_offset, int64_t row_stride, float scale, PackedHead& packed) {
+void PackHead(const AttentionSequence& seq, int64_t head_offset, int64_t input_stride, float scale, PackedHead& packed) {
   std::fill_n(packed.key_t, packed.head_dim * packed.padded_length, 0.0f);
   for (int64_t j = 0; j < packed.length; ++j) {
     const RowRef ref = Locate(seq, j);
-    const float* k = ref.segment->k + ref.row * row_stride + head_offset;
-    const float* v = ref.segment->v + ref.row * row_stride + head_offset;
+    const float* k = ref.segment->k + ref.row * input_stride + head_offset;
+    const float* v = ref.segment->v + ref.row * input_stride + head_offset;
     for (int64_t e = 0; e < packed.head_dim; ++e) packed.key_t[e * packed.padded_length + j] = k[e] * scale;
     float* value_row = packed.values + j * packed.padded_dim;
     std::copy_n(v, packed.head_dim, value_row);
@@ -180,13 +180,13 @@ template <int kRows>
 // kRows query rows starting at sequence row i: scores, softmax, weighted values.
 template <int kRows>
 [[gnu::always_inline]] inline void AttendRows(const AttentionSequence& seq, const PackedHead& kv, int64_t head_offset,
-                                              int64_t row_stride, int64_t i, float* scores) {
+                                              const AttentionStrides& strides, int64_t i, float* scores) {
   const float* q[kRows];
   float* out[kRows];
   for (int r = 0; r < kRows; ++r) {
     const RowRef ref = Locate(seq, i + r);
-    q[r] = ref.segment->q + ref.row * row_stride + head_offset;
-    out[r] = ref.segment->out + ref.row * row_stride + head_offset;
+    q[r] = ref.segment->q + ref.row * strides.input + head_offset;
+    out[r] = ref.segment->out + ref.row * strides.output + head_offset;
   }
   ScoreRows<kRows>(q, kv, scores, kv.padded_length);
   float inv_sum[kRows];
@@ -198,11 +198,11 @@ template <int kRows>
 // `scores` holds kRowGroup * padded_length floats. Inlined into one copy per instruction
 // set (see kAttendTile).
 [[gnu::always_inline]] inline void AttendTileBody(const AttentionSequence& seq, const PackedHead& kv,
-                                                  int64_t head_offset, int64_t row_stride, int64_t q_begin,
+                                                  int64_t head_offset, const AttentionStrides& strides, int64_t q_begin,
                                                   int64_t q_end, float* scores) {
   int64_t i = q_begin;
-  for (; i + kRowGroup <= q_end; i += kRowGroup) AttendRows<kRowGroup>(seq, kv, head_offset, row_stride, i, scores);
-  for (; i < q_end; ++i) AttendRows<1>(seq, kv, head_offset, row_stride, i, scores);
+  for (; i + kRowGroup <= q_end; i += kRowGroup) AttendRows<kRowGroup>(seq, kv, head_offset, strides, i, scores);
+  for (; i < q_end; ++i) AttendRows<1>(seq, kv, head_offset, strides, i, scores);
 }
 
 // One row of LayerNormModulate; inlined into one copy per instruction set.
@@ -224,20 +224,21 @@ template <int kRows>
 // picked once from the CPU (the binaries are built for any x86-64; no -march=native). Plain
 // function pointers rather than GCC's target_clones: an ifunc resolver runs before the
 // sanitizers' runtimes are up and crashes TSan builds.
-using AttendTileFn = void (*)(const AttentionSequence&, const PackedHead&, int64_t, int64_t, int64_t, int64_t, float*);
+using AttendTileFn = void (*)(const AttentionSequence&, const PackedHead&, int64_t, const AttentionStrides&, int64_t,
+                              int64_t, float*);
 using LayerNormRowFn = void (*)(const float*, int64_t, const float*, const float*, float*);
 
 [[gnu::target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]] void AttendTileAvx512(const AttentionSequence& seq, const PackedHead& kv, int64_t head_offset,
-    int64_t row_stride, int64_t q_begin, int64_t q_end, float* scores) {
-  AttendTileBody(seq, kv, head_offset, row_stride, q_begin, q_end, scores);
+    const AttentionStrides& strides, int64_t q_begin, int64_t q_end, float* scores) {
+  AttendTileBody(seq, kv, head_offset, strides, q_begin, q_end, scores);
 }
 [[gnu::target("avx2,fma")]] void AttendTileAvx2(const AttentionSequence& seq, const PackedHead& kv, int64_t head_offset,
-    int64_t row_stride, int64_t q_begin, int64_t q_end, float* scores) {
-  AttendTileBody(seq, kv, head_offset, row_stride, q_begin, q_end, scores);
+    const AttentionStrides& strides, int64_t q_begin, int64_t q_end, float* scores) {
+  AttendTileBody(seq, kv, head_offset, strides, q_begin, q_end, scores);
 }
 void AttendTileBaseline(const AttentionSequence& seq, const PackedHead& kv, int64_t head_offset,
-    int64_t row_stride, int64_t q_begin, int64_t q_end, float* scores) {
-  AttendTileBody(seq, kv, head_offset, row_stride, q_begin, q_end, scores);
+    const AttentionStrides& strides, int64_t q_begin, int64_t q_end, float* scores) {
+  AttendTileBody(seq, kv, head_offset, strides, q_begin, q_end, scores);
 }
 [[gnu::target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]] void LayerNormRowAvx512(const float* x, int64_t dim,
                                                                                        const float* shift,
@@ -285,11 +286,11 @@ void GatedResidualAdd(const float* y, int64_t rows, int64_t dim, const float* ga
   }
 }
 
-void RmsNormHeads(float* x, int64_t rows, int64_t heads, int64_t head_dim, const float* gamma) {
+void RmsNormHeads(float* x, int64_t rows, int64_t row_stride, int64_t heads, int64_t head_dim, const float* gamma) {
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t h = 0; h < heads; ++h) {
-      float* z = x + (r * heads + h) * head_dim;
+      float* z = x + r * row_stride + h * head_dim;
       float sq = 0.0f;
 #pragma omp simd reduction(+ : sq)
       for (int64_t e = 0; e < head_dim; ++e) sq += z[e] * z[e];
@@ -368,8 +369,8 @@ int64_t AttentionScratchFloats(absl::Span<const int64_t> lengths, int64_t heads,
   return packed + threads * kRowGroup * RoundUp(max_length, kKeyBlock);
 }
 
-void Attention(absl::Span<const AttentionSequence> sequences, int64_t heads, int64_t head_dim, int64_t row_stride,
-               absl::Span<float> scratch) {
+void Attention(absl::Span<const AttentionSequence> sequences, int64_t heads, int64_t head_dim,
+               const AttentionStrides& strides, absl::Span<float> scratch) {
   // Scratch: every (sequence, head)'s packed keys and values, then each thread's scores.
   absl::InlinedVector<int64_t, 16> lengths;
   for (const AttentionSequence& seq : sequences) lengths.push_back(seq.length());
@@ -400,7 +401,7 @@ void Attention(absl::Span<const AttentionSequence> sequences, int64_t heads, int
   {
 #pragma omp for schedule(static)
     for (int64_t sh = 0; sh < total_heads; ++sh) {
-      PackHead(sequences[sh / heads], (sh % heads) * head_dim, row_stride, scale, packed[sh]);
+      PackHead(sequences[sh / heads], (sh % heads) * head_dim, strides.input, scale, packed[sh]);
     }
     float* scores = thread_scores + omp_get_thread_num() * kRowGroup * max_padded_length;
 #pragma omp for schedule(dynamic)
@@ -411,7 +412,7 @@ void Attention(absl::Span<const AttentionSequence> sequences, int64_t heads, int
       const int64_t head = local / tiles(lengths[s]);
       const int64_t q_begin = (local % tiles(lengths[s])) * kQueryTile;
       const int64_t q_end = std::min(q_begin + kQueryTile, lengths[s]);
-      kAttendTile(sequences[s], packed[s * heads + head], head * head_dim, row_stride, q_begin, q_end, scores);
+      kAttendTile(sequences[s], packed[s * heads + head], head * head_dim, strides, q_begin, q_end, scores);
     }
   }
 }

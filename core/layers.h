@@ -22,8 +22,8 @@ void LayerNormModulate(const float* x, int64_t rows, int64_t dim, const float* s
 void GatedResidualAdd(const float* y, int64_t rows, int64_t dim, const float* gate, float* x);
 
 // In place, per row and head: z / sqrt(mean(z^2) + 1e-6) * gamma over `head_dim` features.
-// Rows are `heads * head_dim` wide; `gamma` is [head_dim].
-void RmsNormHeads(float* x, int64_t rows, int64_t heads, int64_t head_dim, const float* gamma);
+// Each row's first `heads * head_dim` floats, rows `row_stride` floats apart; `gamma` is [head_dim].
+void RmsNormHeads(float* x, int64_t rows, int64_t row_stride, int64_t heads, int64_t head_dim, const float* gamma);
 
 // out = x * sigmoid(x); `out` may alias `x`.
 void SiLU(const float* x, int64_t count, float* out);
@@ -43,7 +43,7 @@ void AddCroppedPositions(const float* table, int64_t table_size, int64_t grid_h,
                          float* tokens);
 
 // One run of consecutive rows of a sample's attention sequence: q, k, v and out each point
-// at `rows` rows of stride `row_stride` floats. A sample's sequence is its segments, in order.
+// at `rows` rows (strides in AttentionStrides). A sample's sequence is its segments, in order.
 struct AttentionSegment {
   const float* q;
   const float* k;
@@ -59,6 +59,12 @@ struct AttentionSequence {
   int64_t length() const { return segments[0].rows + (num_segments > 1 ? segments[1].rows : 0); }
 };
 
+// Floats between consecutive rows: of q, k and v (`input`, e.g. 3D when they are the
+// thirds of one fused projection's rows) and of out.
+struct AttentionStrides {
+  int64_t input, output;
+};
+
 // Floats of scratch Attention needs for sequences of these lengths on `threads` threads.
 int64_t AttentionScratchFloats(absl::Span<const int64_t> lengths, int64_t heads, int64_t head_dim, int threads);
 
@@ -67,7 +73,7 @@ int64_t AttentionScratchFloats(absl::Span<const int64_t> lengths, int64_t heads,
 // omp_get_max_threads()) floats. Keys and values are packed per head first; query rows then
 // run in register-blocked tiles with a vectorised exp, and only a few rows of scores exist
 // at a time (never an [L, L] matrix).
-void Attention(absl::Span<const AttentionSequence> sequences, int64_t heads, int64_t head_dim, int64_t row_stride,
-               absl::Span<float> scratch);
+void Attention(absl::Span<const AttentionSequence> sequences, int64_t heads, int64_t head_dim,
+               const AttentionStrides& strides, absl::Span<float> scratch);
 
 }  // namespace mmdit

@@ -1,5 +1,7 @@
 #include "core/weights.h"
 
+#include <cassert>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 
@@ -185,6 +187,22 @@ absl::StatusOr<ModelWeights> BindWeights(const ModelConfig& c, TensorMap tensors
   w.proj_out = bind.TakeLinear("proj_out");
   if (absl::Status status = bind.Finish(); !status.ok()) return status;
   return w;
+}
+
+LinearWeights StackOutputs(std::vector<LinearWeights> parts) {
+  int64_t out = 0;
+  for (const LinearWeights& part : parts) out += part.weight.shape[0];
+  const int64_t in = parts.empty() ? 0 : parts[0].weight.shape[1];
+  LinearWeights stacked{Tensor({out, in}), Tensor({out})};
+  int64_t row = 0;
+  for (LinearWeights& part : parts) {
+    assert(part.weight.shape[1] == in && "stacked Linears share their input");
+    std::copy(part.weight.data.begin(), part.weight.data.end(), stacked.weight.data.begin() + row * in);
+    std::copy(part.bias.data.begin(), part.bias.data.end(), stacked.bias.data.begin() + row);
+    row += part.weight.shape[0];
+    part = LinearWeights();
+  }
+  return stacked;
 }
 
 }  // namespace mmdit

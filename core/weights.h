@@ -53,6 +53,10 @@ struct ModelWeights {
   LinearWeights proj_out;  // [p*p*Co, D]
 };
 
+// One Linear computing all of `parts` (same input width) at once: weights stacked along the
+// output, in order. Consumes the parts, freeing each as it is copied.
+LinearWeights StackOutputs(std::vector<LinearWeights> parts);
+
 // Takes the tensors `config` needs out of `tensors` (diffusers names).
 // Errors: InvalidArgument listing every missing, mis-shaped and unexpected tensor.
 absl::StatusOr<ModelWeights> BindWeights(const ModelConfig& config, TensorMap tensors);

@@ -67,7 +67,7 @@ TEST(RmsNormHeads, NormalisesEachHeadSeparately) {
       for (int64_t e = 0; e < head_dim; ++e) z[e] = z[e] / std::sqrt(mean_sq + 1e-6) * gamma.data[e];
     }
   }
-  RmsNormHeads(x.data.data(), rows, heads, head_dim, gamma.data.data());
+  RmsNormHeads(x.data.data(), rows, heads * head_dim, heads, head_dim, gamma.data.data());
   EXPECT_LE(MaxAbsDiff(x, naive), kTolerance);
 }
 
@@ -167,33 +167,48 @@ struct AttentionCase {
 
 class AttentionTest : public ::testing::TestWithParam<AttentionCase> {};
 
+// q, k and v as the thirds of one fused projection's [rows, 3 * dim] output, as the engine
+// lays them out; split copies for the naive reference.
+struct FusedQkv {
+  Tensor qkv, q, k, v;
+  FusedQkv(int64_t rows, int64_t dim, uint32_t seed, float magnitude)
+      : qkv({rows, 3 * dim}), q({rows, dim}), k({rows, dim}), v(RandomTensor({rows, dim}, seed + 2)) {
+    q = RandomTensor({rows, dim}, seed, magnitude);
+    k = RandomTensor({rows, dim}, seed + 1, magnitude);
+    for (int64_t r = 0; r < rows; ++r) {
+      std::copy_n(q.data.data() + r * dim, dim, qkv.data.data() + r * 3 * dim);
+      std::copy_n(k.data.data() + r * dim, dim, qkv.data.data() + r * 3 * dim + dim);
+      std::copy_n(v.data.data() + r * dim, dim, qkv.data.data() + r * 3 * dim + 2 * dim);
+    }
+  }
+  AttentionSegment Segment(Tensor& out, int64_t dim) const {
+    const float* base = qkv.data.data();
+    return {base, base + dim, base + 2 * dim, out.data.data(), q.shape[0]};
+  }
+};
+
 // Two sequences: (text + image rows, two segments) and (image rows alone).
 TEST_P(AttentionTest, MatchesNaiveSoftmaxOverConcatenatedSegments) {
   const AttentionCase p = GetParam();
   const int64_t heads = p.heads, hd = p.head_dim, dim = heads * hd;
   const int64_t nt = p.text_rows, ni = p.image_rows, ns = p.alone_rows;
-  const Tensor tq = RandomTensor({nt, dim}, 20, p.magnitude), tk = RandomTensor({nt, dim}, 21, p.magnitude),
-               tv = RandomTensor({nt, dim}, 22);
-  const Tensor iq = RandomTensor({ni, dim}, 23, p.magnitude), ik = RandomTensor({ni, dim}, 24, p.magnitude),
-               iv = RandomTensor({ni, dim}, 25);
-  const Tensor sq = RandomTensor({ns, dim}, 26, p.magnitude), sk = RandomTensor({ns, dim}, 27, p.magnitude),
-               sv = RandomTensor({ns, dim}, 28);
+  const FusedQkv text(nt, dim, 20, p.magnitude), image(ni, dim, 23, p.magnitude), alone_in(ns, dim, 26, p.magnitude);
   Tensor t_out({nt, dim}), i_out({ni, dim}), s_out({ns, dim});
   AttentionSequence joint, alone;
-  joint.segments[0] = {tq.data.data(), tk.data.data(), tv.data.data(), t_out.data.data(), nt};
-  joint.segments[1] = {iq.data.data(), ik.data.data(), iv.data.data(), i_out.data.data(), ni};
+  joint.segments[0] = text.Segment(t_out, dim);
+  joint.segments[1] = image.Segment(i_out, dim);
   joint.num_segments = 2;
-  alone.segments[0] = {sq.data.data(), sk.data.data(), sv.data.data(), s_out.data.data(), ns};
+  alone.segments[0] = alone_in.Segment(s_out, dim);
   alone.num_segments = 1;
   const int64_t lengths[] = {nt + ni, ns};
   // Poisoned scratch: the kernel must not read what it did not write.
   std::vector<float> scratch(AttentionScratchFloats(lengths, heads, hd, omp_get_max_threads()), NAN);
   const AttentionSequence sequences[] = {joint, alone};
-  Attention(sequences, heads, hd, dim, absl::MakeSpan(scratch));
+  Attention(sequences, heads, hd, {3 * dim, dim}, absl::MakeSpan(scratch));
 
   Tensor t_naive({nt, dim}), i_naive({ni, dim}), s_naive({ns, dim});
-  NaiveAttention({&tq, &iq}, {&tk, &ik}, {&tv, &iv}, heads, hd, {&t_naive, &i_naive});
-  NaiveAttention({&sq}, {&sk}, {&sv}, heads, hd, {&s_naive});
+  NaiveAttention({&text.q, &image.q}, {&text.k, &image.k}, {&text.v, &image.v}, heads, hd, {&t_naive, &i_naive});
+  NaiveAttention({&alone_in.q}, {&alone_in.k}, {&alone_in.v}, heads, hd, {&s_naive});
   EXPECT_LE(MaxAbsDiff(t_out, t_naive), p.tolerance);
   EXPECT_LE(MaxAbsDiff(i_out, i_naive), p.tolerance);
   EXPECT_LE(MaxAbsDiff(s_out, s_naive), p.tolerance);
@@ -221,7 +236,7 @@ TEST(ExpInAttention, OneHotSoftmaxFromAVeryLargeScore) {
   seq.num_segments = 1;
   const int64_t lengths[] = {rows};
   std::vector<float> scratch(AttentionScratchFloats(lengths, 1, hd, omp_get_max_threads()));
-  Attention({&seq, 1}, 1, hd, hd, absl::MakeSpan(scratch));
+  Attention({&seq, 1}, 1, hd, {hd, hd}, absl::MakeSpan(scratch));
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t e = 0; e < hd; ++e) EXPECT_EQ(out.data[r * hd + e], v.data[1 * hd + e]);
 }

@@ -266,5 +266,14 @@ TEST(Checkpoint, Bfloat16StoredWeightsStayWithinTheBf16Tolerance) {
   EXPECT_LE(std::sqrt(diff_sq / ref_sq), 2e-2);
 }
 
+TEST(StackOutputs, StacksWeightRowsAndBiasesInOrder) {
+  LinearWeights a{Tensor({1, 2}, {1, 2}), Tensor({1}, {10})};
+  LinearWeights b{Tensor({2, 2}, {3, 4, 5, 6}), Tensor({2}, {20, 30})};
+  const LinearWeights stacked = StackOutputs({std::move(a), std::move(b)});
+  EXPECT_EQ(stacked.weight.shape, (Shape{3, 2}));
+  EXPECT_EQ(stacked.weight.data, (std::vector<float>{1, 2, 3, 4, 5, 6}));
+  EXPECT_EQ(stacked.bias.data, (std::vector<float>{10, 20, 30}));
+}
+
 }  // namespace
 }  // namespace mmdit
