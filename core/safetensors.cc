@@ -49,6 +49,15 @@ class MappedFile {
     if (data_ != nullptr) ::munmap(const_cast<char*>(data_), size_);
   }
   std::string_view bytes() const { return {data_, size_}; }
+  // Drops the pages under [begin, begin + length) from this process (they stay in the page
+  // cache, and a later read faults them back in), so that converting a large file does not
+  // hold the file and its converted copy in memory at once.
+  void Release(const char* begin, size_t length) const {
+    const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+    const uintptr_t first = reinterpret_cast<uintptr_t>(begin) / page * page;
+    const uintptr_t last = reinterpret_cast<uintptr_t>(begin) + length;
+    ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+  }
 
  private:
   MappedFile() = default;
@@ -124,9 +133,10 @@ absl::StatusOr<Entry> ParseEntry(const std::string& name, const json& value, uin
   return entry;
 }
 
-}  // namespace
-
-absl::StatusOr<TensorMap> ParseSafetensors(std::string_view bytes, const std::string& what) {
+// ParseSafetensors, calling `converted(p, n)` for each tensor's stored bytes once they are
+// no longer needed.
+absl::StatusOr<TensorMap> Parse(std::string_view bytes, const std::string& what,
+                                const std::function<void(const char*, size_t)>& converted) {
   if (bytes.size() < 8) {
     return absl::InvalidArgumentError(
         absl::StrCat(what, ": file is ", bytes.size(), " bytes, too short for a safetensors header"));
@@ -165,14 +175,21 @@ absl::StatusOr<TensorMap> ParseSafetensors(std::string_view bytes, const std::st
     Tensor tensor(e.shape);
     ConvertToFloat(e.dtype, data.data() + e.begin, tensor.NumElements(), tensor.data.data());
     tensors.emplace(e.name, std::move(tensor));
+    converted(data.data() + e.begin, e.end - e.begin);
   }
   return tensors;
+}
+
+}  // namespace
+
+absl::StatusOr<TensorMap> ParseSafetensors(std::string_view bytes, const std::string& what) {
+  return Parse(bytes, what, [](const char*, size_t) {});
 }
 
 absl::StatusOr<TensorMap> ReadSafetensors(const std::string& path) {
   auto file = MappedFile::Open(path);
   if (!file.ok()) return file.status();
-  return ParseSafetensors(file->bytes(), path);
+  return Parse(file->bytes(), path, [&file](const char* p, size_t n) { file->Release(p, n); });
 }
 
 absl::Status WriteSafetensors(const std::string& path, const std::vector<std::pair<std::string, Shape>>& layout,
