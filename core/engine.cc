@@ -35,7 +35,7 @@ constexpr ModulationLayout kContextPreOnly = {2, {1, 0, -1}, {-1, -1, -1}, {-1, 
 // Prepared weights.
 
 struct StreamBlock {  // one stream's half of a joint block
-  Linear modulation;
+  int64_t modulation_offset;  // where its AdaLN chunks start in a row of EngineModel::modulation's output
   Linear qkv;  // to_q, to_k, to_v stacked: one product, rows [q | k | v]
   std::optional<Tensor> q_norm, k_norm;
   std::optional<Linear> out, ff_in, ff_out;  // absent in a context-pre-only text stream
@@ -54,7 +54,12 @@ struct JointBlock {
 
 struct EngineModel {
   std::unique_ptr<DnnlContext> dnnl;
-  Linear patch_embed, timestep_1, timestep_2, pooled_1, pooled_2, context_embedder, norm_out, proj_out;
+  Linear patch_embed, timestep_1, timestep_2, pooled_1, pooled_2, context_embedder, proj_out;
+  // Every block's norm1 and norm1_context, then norm_out, stacked: all of them read only the
+  // conditioning vector, so one product per forward reads their weights (most of the
+  // model's bytes at batch 1) in a single pass.
+  Linear modulation;
+  int64_t final_modulation_offset;  // norm_out's [scale, shift] in a row of its output
   std::optional<Tensor> pos_table;  // [M*M, D]
   std::vector<JointBlock> blocks;
 };
@@ -72,8 +77,8 @@ struct StreamRows {
   float* attended = nullptr;      // [total, D]
   float* projected = nullptr;     // [total, D]
   float* mlp_hidden = nullptr;    // [total, mlp]
-  float* modulation = nullptr;    // [B, chunks * D] of the current modulation Linear
-  int64_t modulation_stride = 0;  // that Linear's output width
+  float* modulation = nullptr;    // the current block's chunks in sample 0's modulation row
+  int64_t modulation_stride = 0;  // floats from one sample's modulation row to the next
   const float* Chunk(int64_t sample, int index, int64_t dim) const {
     return modulation + sample * modulation_stride + index * dim;
   }
@@ -101,18 +106,16 @@ class Carver {
 };
 
 // Packs `s.rows` sample after sample and carves `s`'s buffers out of `buffer`.
-void PlanStream(std::vector<float>& buffer, int64_t batch, int64_t dim, int64_t mlp, int chunks, StreamRows& s) {
+void PlanStream(std::vector<float>& buffer, int64_t dim, int64_t mlp, StreamRows& s) {
   s.total = 0;
   for (size_t b = 0; b < s.rows.size(); ++b) {
     s.offset[b] = s.total;
     s.total += s.rows[b];
   }
-  s.modulation_stride = chunks * dim;
-  Carver carve(buffer, s.total * (7 * dim + mlp) + batch * s.modulation_stride);
+  Carver carve(buffer, s.total * (7 * dim + mlp));
   for (float** piece : {&s.x, &s.normed, &s.attended, &s.projected}) *piece = carve.Take(s.total * dim);
   s.qkv = carve.Take(s.total * 3 * dim);
   s.mlp_hidden = carve.Take(s.total * mlp);
-  s.modulation = carve.Take(batch * s.modulation_stride);
 }
 
 // normed[rows of b] = LN(x) * (1 + scale_b) + shift_b, from `source` rows.
@@ -165,12 +168,12 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_di
 
 namespace {
 
-absl::StatusOr<StreamBlock> PrepareStream(DnnlContext& dnnl, StreamBlockWeights w) {
+// `w.modulation` has already gone into the model's stacked modulation, at `modulation_offset`.
+absl::StatusOr<StreamBlock> PrepareStream(DnnlContext& dnnl, StreamBlockWeights w, int64_t modulation_offset) {
   auto linear = [&](LinearWeights& lw, Epilogue e = Epilogue::kNone) { return Linear::Create(dnnl, std::move(lw), e); };
-  ASSIGN_OR_RETURN(Linear modulation, linear(w.modulation));
   LinearWeights qkv_weights = StackOutputs({std::move(w.q), std::move(w.k), std::move(w.v)});
   ASSIGN_OR_RETURN(Linear qkv, linear(qkv_weights));
-  StreamBlock s{std::move(modulation),
+  StreamBlock s{modulation_offset,
                 std::move(qkv),
                 std::move(w.q_norm),
                 std::move(w.k_norm),
@@ -218,8 +221,23 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelConfig& config
   ASSIGN_OR_RETURN(Linear pooled_1, linear(w.pooled_1));
   ASSIGN_OR_RETURN(Linear pooled_2, linear(w.pooled_2));
   ASSIGN_OR_RETURN(Linear context_embedder, linear(w.context_embedder));
-  ASSIGN_OR_RETURN(Linear norm_out, linear(w.norm_out));
   ASSIGN_OR_RETURN(Linear proj_out, linear(w.proj_out));
+  // The stacked modulation: per block the image stream's chunks, then the text stream's;
+  // norm_out last.
+  std::vector<LinearWeights> modulation_parts;
+  std::vector<int64_t> stream_offsets;  // image, text of block 0, image, text of block 1, ...
+  int64_t modulation_width = 0;
+  for (JointBlockWeights& bw : w.blocks) {
+    for (StreamBlockWeights* stream : {&bw.image, &bw.text}) {
+      stream_offsets.push_back(modulation_width);
+      modulation_width += stream->modulation.weight.shape[0];
+      modulation_parts.push_back(std::move(stream->modulation));
+    }
+  }
+  const int64_t final_modulation_offset = modulation_width;
+  modulation_parts.push_back(std::move(w.norm_out));
+  LinearWeights stacked_modulation = StackOutputs(std::move(modulation_parts));
+  ASSIGN_OR_RETURN(Linear modulation, linear(stacked_modulation));
   auto model = std::make_unique<EngineModel>(EngineModel{nullptr,
                                                          std::move(patch_embed),
                                                          std::move(timestep_1),
@@ -227,14 +245,15 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelConfig& config
                                                          std::move(pooled_1),
                                                          std::move(pooled_2),
                                                          std::move(context_embedder),
-                                                         std::move(norm_out),
                                                          std::move(proj_out),
+                                                         std::move(modulation),
+                                                         final_modulation_offset,
                                                          std::move(w.pos_table),
                                                          {}});
   for (size_t i = 0; i < w.blocks.size(); ++i) {
     JointBlockWeights& bw = w.blocks[i];
-    ASSIGN_OR_RETURN(StreamBlock image, PrepareStream(*dnnl, std::move(bw.image)));
-    ASSIGN_OR_RETURN(StreamBlock text, PrepareStream(*dnnl, std::move(bw.text)));
+    ASSIGN_OR_RETURN(StreamBlock image, PrepareStream(*dnnl, std::move(bw.image), stream_offsets[2 * i]));
+    ASSIGN_OR_RETURN(StreamBlock text, PrepareStream(*dnnl, std::move(bw.text), stream_offsets[2 * i + 1]));
     JointBlock block{std::move(image), std::move(text), std::nullopt,
                      bw.dual_attention ? kDualAttentionBlock : kFullBlock,
                      config.IsContextPreOnly(i) ? kContextPreOnly : kFullBlock};
@@ -358,6 +377,8 @@ struct Pass {
   StreamRows& text;
   float* conditioning;          // [B, D]: SiLU(temb + pemb), what every modulation Linear reads
   float* conditioning_scratch;  // [B, 256 + P + 2D]
+  float* modulation;            // [B, modulation_width]: every AdaLN chunk of the pass
+  int64_t modulation_width;
   absl::Span<float> attention_scratch;
 };
 
@@ -424,8 +445,8 @@ absl::Status EmbedText(Pass& pass, Linear& context_embedder) {
 // Modulate, then project to q, k, v: the part of a block before the streams meet.
 absl::Status PreAttention(Pass& pass, StreamBlock& w, AdaLnSite site, StreamRows& s) {
   const ModelConfig& c = pass.config;
-  RETURN_IF_ERROR(w.modulation.Forward(pass.conditioning, pass.batch.size(), s.modulation));
-  s.modulation_stride = w.modulation.out_features();
+  s.modulation = pass.modulation + w.modulation_offset;
+  s.modulation_stride = pass.modulation_width;
   ModulateRows(s, s.x, site, c.hidden(), s.normed);
   return ProjectQkv(w, s, s.normed, c.num_attention_heads, c.attention_head_dim);
 }
@@ -502,8 +523,8 @@ absl::Status JointBlockForward(Pass& pass, JointBlock& block) {
 // y [N_total, p*p*Co] = proj_out(LN(x) * (1 + scale) + shift), [scale, shift] = norm_out(cond).
 absl::Status FinalLayer(Pass& pass, EngineModel& m, float* y) {
   StreamRows& s = pass.image;
-  RETURN_IF_ERROR(m.norm_out.Forward(pass.conditioning, pass.batch.size(), s.modulation));
-  s.modulation_stride = m.norm_out.out_features();
+  s.modulation = pass.modulation + m.final_modulation_offset;
+  s.modulation_stride = pass.modulation_width;
   // norm_out's chunks are [scale, shift], the order of the context-pre-only block's.
   ModulateRows(s, s.x, kContextPreOnly.attention, pass.config.hidden(), s.normed);
   return m.proj_out.Forward(s.normed, s.total, y);
@@ -539,23 +560,33 @@ absl::StatusOr<std::vector<Tensor>> Engine::Forward(absl::Span<const SampleInput
   // The MLP buffer doubles as input staging (patch features, text features) and holds the
   // dual-attention input: it is at least as wide as each.
   const int64_t wide = std::max({c.mlp_hidden(), c.patch_features(), c.joint_attention_dim, d});
-  const int chunks = kDualAttentionBlock.chunks;  // the widest modulation
-  PlanStream(ws.image, n_batch, d, std::max(wide, c.output_features()), chunks, ws.image_rows);
-  PlanStream(ws.text, n_batch, d, wide, chunks, ws.text_rows);
-  Carver carve(ws.conditioning, n_batch * (3 * d + kTimestepFeatures + c.pooled_projection_dim));
+  PlanStream(ws.image, d, std::max(wide, c.output_features()), ws.image_rows);
+  PlanStream(ws.text, d, wide, ws.text_rows);
+  EngineModel& m = *model_;
+  const int64_t modulation_width = m.modulation.out_features();
+  Carver carve(ws.conditioning,
+               n_batch * (3 * d + kTimestepFeatures + c.pooled_projection_dim + modulation_width));
   const int64_t scratch =
       AttentionScratchFloats(sequence_lengths, c.num_attention_heads, c.attention_head_dim, omp_get_max_threads());
   if (static_cast<int64_t>(ws.attention_scratch.size()) < scratch) ws.attention_scratch.resize(scratch);
   float* conditioning = carve.Take(n_batch * d);
   float* conditioning_scratch = carve.Take(n_batch * (2 * d + kTimestepFeatures + c.pooled_projection_dim));
-  Pass pass{
-      c, batch, ws.image_rows, ws.text_rows, conditioning, conditioning_scratch, absl::MakeSpan(ws.attention_scratch)};
+  float* modulation = carve.Take(n_batch * modulation_width);
+  Pass pass{c,
+            batch,
+            ws.image_rows,
+            ws.text_rows,
+            conditioning,
+            conditioning_scratch,
+            modulation,
+            modulation_width,
+            absl::MakeSpan(ws.attention_scratch)};
 
-  EngineModel& m = *model_;
   m.dnnl->trace = matmul_trace;
   absl::Cleanup stop_tracing = [&m] { m.dnnl->trace = nullptr; };
   RETURN_IF_ERROR(EmbedImage(pass, m.patch_embed, m.pos_table));
   RETURN_IF_ERROR(EmbedConditioning(pass, m));
+  RETURN_IF_ERROR(m.modulation.Forward(pass.conditioning, n_batch, pass.modulation));
   RETURN_IF_ERROR(EmbedText(pass, m.context_embedder));
   for (JointBlock& block : m.blocks) RETURN_IF_ERROR(JointBlockForward(pass, block));
   float* y = ws.image_rows.mlp_hidden;  // [N_total, p*p*Co]
