@@ -38,7 +38,8 @@ struct StreamBlock {  // one stream's half of a joint block
   int64_t modulation_offset;  // where its AdaLN chunks start in a row of EngineModel::modulation's output
   Linear qkv;  // to_q, to_k, to_v stacked: one product, rows [q | k | v]
   std::optional<Tensor> q_norm, k_norm;
-  std::optional<Linear> out, ff_in, ff_out;  // absent in a context-pre-only text stream
+  std::optional<Linear> out;        // absent in a context-pre-only text stream, as is
+  std::optional<FeedForward> ff;
 };
 
 struct SelfAttentionBlock {
@@ -178,12 +179,10 @@ absl::StatusOr<StreamBlock> PrepareStream(DnnlContext& dnnl, StreamBlockWeights 
                 std::move(w.q_norm),
                 std::move(w.k_norm),
                 {},
-                {},
                 {}};
   if (w.out) {
     ASSIGN_OR_RETURN(s.out, linear(*w.out));
-    ASSIGN_OR_RETURN(s.ff_in, linear(*w.ff_in, Epilogue::kGeluTanh));
-    ASSIGN_OR_RETURN(s.ff_out, linear(*w.ff_out));
+    ASSIGN_OR_RETURN(s.ff, FeedForward::Create(dnnl, std::move(*w.ff_in), std::move(*w.ff_out)));
   }
   return s;
 }
@@ -476,8 +475,7 @@ absl::Status AttentionResidual(Pass& pass, StreamBlock& w, AdaLnSite site, Strea
 absl::Status MlpResidual(Pass& pass, StreamBlock& w, AdaLnSite site, StreamRows& s) {
   const int64_t d = pass.config.hidden();
   ModulateRows(s, s.x, site, d, s.normed);
-  RETURN_IF_ERROR(w.ff_in->Forward(s.normed, s.total, s.mlp_hidden));  // GELU fused
-  RETURN_IF_ERROR(w.ff_out->Forward(s.mlp_hidden, s.total, s.projected));
+  RETURN_IF_ERROR(w.ff->Forward(s.normed, s.total, s.mlp_hidden, s.projected));
   GateIntoResidual(s, s.projected, site, d);
   return absl::OkStatus();
 }

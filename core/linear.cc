@@ -19,13 +19,17 @@ absl::Status DnnlError(const dnnl::error& e, const std::string& what) {
   return absl::InternalError(absl::StrCat("oneDNN ", what, ": ", e.what()));
 }
 
-dt SourceType(ComputeDType compute) { return compute == ComputeDType::kBF16 ? dt::bf16 : dt::f32; }
+dt ComputeType(ComputeDType compute) { return compute == ComputeDType::kBF16 ? dt::bf16 : dt::f32; }
+dt RowsType(RowsDType rows, ComputeDType compute) { return rows == RowsDType::kCompute ? ComputeType(compute) : dt::f32; }
 
+// The product's source is always in the compute dtype (a float32 input to a bf16 product is
+// converted first); its destination is what the Linear's output rows hold.
 dnnl::matmul::primitive_desc MakeDesc(const dnnl::engine& engine, int64_t rows, int64_t in, int64_t out,
-                                      const dnnl::memory::desc& weights_md, Epilogue epilogue, ComputeDType compute) {
-  const dnnl::memory::desc src_md({rows, in}, SourceType(compute), tag::ab);
+                                      const dnnl::memory::desc& weights_md, Epilogue epilogue, ComputeDType compute,
+                                      RowsDType output) {
+  const dnnl::memory::desc src_md({rows, in}, ComputeType(compute), tag::ab);
   const dnnl::memory::desc bias_md({1, out}, dt::f32, tag::ab);
-  const dnnl::memory::desc dst_md({rows, out}, dt::f32, tag::ab);
+  const dnnl::memory::desc dst_md({rows, out}, RowsType(output, compute), tag::ab);
   dnnl::primitive_attr attr;
   if (epilogue == Epilogue::kGeluTanh) {
     dnnl::post_ops ops;
@@ -64,18 +68,21 @@ absl::StatusOr<std::unique_ptr<DnnlContext>> DnnlContext::Create(ComputeDType co
   }
 }
 
-absl::StatusOr<Linear> Linear::Create(DnnlContext& context, LinearWeights weights, Epilogue epilogue) {
+absl::StatusOr<Linear> Linear::Create(DnnlContext& context, LinearWeights weights, Epilogue epilogue,
+                                      RowsDType input, RowsDType output) {
   Linear linear;
   linear.context_ = &context;
   linear.out_features_ = weights.weight.shape[0];
   linear.in_features_ = weights.weight.shape[1];
   linear.epilogue_ = epilogue;
+  linear.input_ = input;
+  linear.output_ = output;
   const int64_t in = linear.in_features_, out = linear.out_features_;
   try {
     // The checkpoint's [out, in] row-major matrix is W^T [in, out] in `ba` order.
     const dnnl::memory::desc stored_md({in, out}, dt::f32, tag::ba);
-    const dnnl::memory::desc any_md({in, out}, SourceType(context.compute), tag::any);
-    const auto desc = MakeDesc(context.engine, kLayoutRows, in, out, any_md, epilogue, context.compute);
+    const dnnl::memory::desc any_md({in, out}, ComputeType(context.compute), tag::any);
+    const auto desc = MakeDesc(context.engine, kLayoutRows, in, out, any_md, epilogue, context.compute, output);
     dnnl::memory stored(stored_md, context.engine, weights.weight.data.data());
     linear.packed_weights_ = dnnl::memory(desc.weights_desc(), context.engine);
     dnnl::reorder(stored, linear.packed_weights_).execute(context.stream, stored, linear.packed_weights_);
@@ -88,22 +95,24 @@ absl::StatusOr<Linear> Linear::Create(DnnlContext& context, LinearWeights weight
   return linear;
 }
 
+bool Linear::ConvertsInput() const { return context_->compute == ComputeDType::kBF16 && input_ == RowsDType::kF32; }
+
 absl::StatusOr<Linear::RowPrimitives*> Linear::PrimitivesForRows(int64_t rows) {
   if (auto it = primitives_by_rows_.find(rows); it != primitives_by_rows_.end()) return &it->second;
   if (primitives_by_rows_.size() >= kMaxCachedPrimitives) primitives_by_rows_.clear();
   try {
     const ComputeDType compute = context_->compute;
-    const auto desc =
-        MakeDesc(context_->engine, rows, in_features_, out_features_, packed_weights_.get_desc(), epilogue_, compute);
     const dnnl::engine& engine = context_->engine;
+    const auto desc = MakeDesc(engine, rows, in_features_, out_features_, packed_weights_.get_desc(), epilogue_,
+                               compute, output_);
     RowPrimitives primitives{dnnl::matmul(desc),
+                             dnnl::memory(desc.src_desc(), engine, nullptr),
                              {},
-                             dnnl::memory({{rows, in_features_}, dt::f32, tag::ab}, engine, nullptr),
                              {},
-                             dnnl::memory({{rows, out_features_}, dt::f32, tag::ab}, engine, nullptr)};
-    if (compute == ComputeDType::kBF16) {
+                             dnnl::memory(desc.dst_desc(), engine, nullptr)};
+    if (ConvertsInput()) {
       primitives.to_bf16 = Bf16Conversion(engine, rows, in_features_);
-      primitives.bf16_source = dnnl::memory({{rows, in_features_}, dt::bf16, tag::ab}, engine, nullptr);
+      primitives.f32_input = dnnl::memory({{rows, in_features_}, dt::f32, tag::ab}, engine, nullptr);
     }
     return &primitives_by_rows_.emplace(rows, std::move(primitives)).first->second;
   } catch (const dnnl::error& e) {
@@ -112,23 +121,30 @@ absl::StatusOr<Linear::RowPrimitives*> Linear::PrimitivesForRows(int64_t rows) {
 }
 
 absl::Status Linear::Forward(const float* x, int64_t rows, float* y) {
+  if (context_->compute != ComputeDType::kF32 && (input_ != RowsDType::kF32 || output_ != RowsDType::kF32)) {
+    return absl::InternalError("Linear::Forward on a Linear made for bf16 rows; use ForwardRows");
+  }
+  return ForwardRows(x, rows, y);
+}
+
+absl::Status Linear::ForwardRows(const void* x, int64_t rows, void* y) {
   if (rows == 0) return absl::OkStatus();
-  if (context_->trace) context_->trace->push_back({rows, in_features_, out_features_, epilogue_});
+  if (context_->trace) context_->trace->push_back({rows, in_features_, out_features_, epilogue_, input_, output_});
   auto primitives = PrimitivesForRows(rows);
   if (!primitives.ok()) return primitives.status();
   try {
     RowPrimitives& p = **primitives;
-    p.f32_source.set_data_handle(const_cast<float*>(x));
     p.destination.set_data_handle(y);
-    const dnnl::memory* source = &p.f32_source;
-    if (context_->compute == ComputeDType::kBF16) {
+    if (ConvertsInput()) {
       std::vector<uint16_t>& converted = context_->bf16_input;
       if (converted.size() < static_cast<size_t>(rows * in_features_)) converted.resize(rows * in_features_);
-      p.bf16_source.set_data_handle(converted.data());
-      Execute(p.to_bf16, {{DNNL_ARG_FROM, p.f32_source.get()}, {DNNL_ARG_TO, p.bf16_source.get()}});
-      source = &p.bf16_source;
+      p.f32_input.set_data_handle(const_cast<void*>(x));
+      p.source.set_data_handle(converted.data());
+      Execute(p.to_bf16, {{DNNL_ARG_FROM, p.f32_input.get()}, {DNNL_ARG_TO, p.source.get()}});
+    } else {
+      p.source.set_data_handle(const_cast<void*>(x));
     }
-    Execute(p.matmul, {{DNNL_ARG_SRC, source->get()},
+    Execute(p.matmul, {{DNNL_ARG_SRC, p.source.get()},
                        {DNNL_ARG_WEIGHTS, packed_weights_.get()},
                        {DNNL_ARG_BIAS, bias_.get()},
                        {DNNL_ARG_DST, p.destination.get()}});
@@ -137,6 +153,19 @@ absl::Status Linear::Forward(const float* x, int64_t rows, float* y) {
     return DnnlError(e, "matmul execution");
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<FeedForward> FeedForward::Create(DnnlContext& context, LinearWeights in, LinearWeights out) {
+  auto first = Linear::Create(context, std::move(in), Epilogue::kGeluTanh, RowsDType::kF32, RowsDType::kCompute);
+  if (!first.ok()) return first.status();
+  auto second = Linear::Create(context, std::move(out), Epilogue::kNone, RowsDType::kCompute, RowsDType::kF32);
+  if (!second.ok()) return second.status();
+  return FeedForward(*std::move(first), *std::move(second));
+}
+
+absl::Status FeedForward::Forward(const float* x, int64_t rows, float* hidden, float* y) {
+  if (absl::Status status = in_.ForwardRows(x, rows, hidden); !status.ok()) return status;
+  return out_.ForwardRows(hidden, rows, y);
 }
 
 }  // namespace mmdit

@@ -18,10 +18,16 @@ namespace mmdit {
 
 enum class Epilogue { kNone, kGeluTanh };
 
+// What a Linear's input or output rows hold. kCompute: the context's compute dtype, so in a
+// bf16 context bf16 values (uint16_t bits) that go from one product to the next without a
+// float32 round trip; kF32: float32 whatever the compute dtype.
+enum class RowsDType { kF32, kCompute };
+
 // The shape of one executed product, recorded for benchmarks (see DnnlContext::trace).
 struct MatmulCall {
   int64_t rows, in, out;
   Epilogue epilogue;
+  RowsDType input, output;
 };
 
 // The oneDNN CPU engine and the stream all of a model's primitives run on.
@@ -43,10 +49,14 @@ class Linear {
  public:
   // Takes `weights` ([out, in], [out]) and reorders the matrix once into the layout oneDNN's
   // matmul prefers. Errors: Internal if oneDNN refuses.
-  static absl::StatusOr<Linear> Create(DnnlContext& context, LinearWeights weights, Epilogue epilogue);
+  static absl::StatusOr<Linear> Create(DnnlContext& context, LinearWeights weights, Epilogue epilogue,
+                                       RowsDType input = RowsDType::kF32, RowsDType output = RowsDType::kF32);
 
-  // y[rows, out] = epilogue(x[rows, in] W^T + b). Errors: Internal if oneDNN fails.
+  // y[rows, out] = epilogue(x[rows, in] W^T + b), for a Linear with float32 rows on both
+  // sides. Errors: Internal if oneDNN fails, or if the Linear was made for other rows.
   absl::Status Forward(const float* x, int64_t rows, float* y);
+  // The same with rows of the dtypes the Linear was created with.
+  absl::Status ForwardRows(const void* x, int64_t rows, void* y);
 
   int64_t in_features() const { return in_features_; }
   int64_t out_features() const { return out_features_; }
@@ -57,20 +67,36 @@ class Linear {
   // (the memory objects only get their data pointers swapped in).
   struct RowPrimitives {
     dnnl::matmul matmul;
-    dnnl::reorder to_bf16;     // kBF16 only: float32 input to bf16
-    dnnl::memory f32_source;   // [rows, in] float32
-    dnnl::memory bf16_source;  // kBF16 only: [rows, in] bf16, over DnnlContext::bf16_input
-    dnnl::memory destination;  // [rows, out] float32
+    dnnl::memory source;       // [rows, in] in the compute dtype: the input itself, or its conversion
+    dnnl::reorder to_bf16;     // a bf16 context's float32 input only: converts it into `source`,
+    dnnl::memory f32_input;    // over DnnlContext::bf16_input
+    dnnl::memory destination;  // [rows, out]
   };
+  bool ConvertsInput() const;
   absl::StatusOr<RowPrimitives*> PrimitivesForRows(int64_t rows);
   void Execute(const dnnl::primitive& primitive, std::initializer_list<dnnl_exec_arg_t> args);  // throws dnnl::error
 
   DnnlContext* context_ = nullptr;
   int64_t in_features_ = 0, out_features_ = 0;
   Epilogue epilogue_ = Epilogue::kNone;
+  RowsDType input_ = RowsDType::kF32, output_ = RowsDType::kF32;
   dnnl::memory packed_weights_;  // [in, out] in oneDNN's chosen layout and the compute dtype
   dnnl::memory bias_;            // [1, out]
   std::unordered_map<int64_t, RowPrimitives> primitives_by_rows_;
+};
+
+// The transformer's feed-forward, Linear(GELU_tanh(Linear(x))). Its hidden rows stay in the
+// compute dtype: in bf16 the first product writes bf16 and the second reads it as is.
+class FeedForward {
+ public:
+  static absl::StatusOr<FeedForward> Create(DnnlContext& context, LinearWeights in, LinearWeights out);
+  // y[rows, D] from x[rows, D]; `hidden` is scratch of rows * hidden_features() floats.
+  absl::Status Forward(const float* x, int64_t rows, float* hidden, float* y);
+  int64_t hidden_features() const { return in_.out_features(); }
+
+ private:
+  FeedForward(Linear in, Linear out) : in_(std::move(in)), out_(std::move(out)) {}
+  Linear in_, out_;
 };
 
 }  // namespace mmdit

@@ -12,9 +12,9 @@ namespace mmdit {
 
 // Median milliseconds, over `iters` runs after one warm-up, of executing `calls` in order,
 // each on its own freshly prepared weights (as in a forward, every product reads weights no
-// other product touched) through the same Linear adapter the engine uses. Inputs are
-// float32 in both dtypes; in bf16 each product then includes its input conversion, as the
-// engine's do. Errors: Internal (oneDNN).
+// other product touched) through the same Linear adapter the engine uses, with the same
+// input and output dtypes (so a bf16 product converts a float32 input exactly where the
+// engine's does). Errors: Internal (oneDNN).
 absl::StatusOr<double> StandaloneMatmulMs(ComputeDType compute, absl::Span<const MatmulCall> calls, int iters);
 
 }  // namespace mmdit

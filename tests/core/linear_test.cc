@@ -59,5 +59,46 @@ INSTANTIATE_TEST_SUITE_P(EpiloguesAndDtypes, LinearTest,
                          ::testing::Combine(::testing::Values(Epilogue::kNone, Epilogue::kGeluTanh),
                                             ::testing::Values(ComputeDType::kF32, ComputeDType::kBF16)));
 
+class FeedForwardTest : public ::testing::TestWithParam<ComputeDType> {};
+
+// Linear(GELU(Linear(x))); in bf16 the hidden rows are rounded to bf16 between the two, as
+// the engine keeps them.
+TEST_P(FeedForwardTest, MatchesNaiveLinearGeluLinear) {
+  const ComputeDType compute = GetParam();
+  const bool bf16 = compute == ComputeDType::kBF16;
+  auto context = DnnlContext::Create(compute);
+  ASSERT_TRUE(context.ok()) << context.status();
+  const int64_t dim = 32, hidden = 96;
+  const LinearWeights in{RandomTensor({hidden, dim}, 4, 0.2f), RandomTensor({hidden}, 5)};
+  const LinearWeights out{RandomTensor({dim, hidden}, 6, 0.2f), RandomTensor({dim}, 7)};
+  auto ff = FeedForward::Create(**context, in, out);
+  ASSERT_TRUE(ff.ok()) << ff.status();
+  EXPECT_EQ(ff->hidden_features(), hidden);
+  for (int64_t rows : {1, 13, 13}) {
+    const Tensor x = RandomTensor({rows, dim}, 8 + rows);
+    std::vector<float> scratch(rows * hidden, NAN);
+    Tensor y({rows, dim});
+    ASSERT_TRUE(ff->Forward(x.data.data(), rows, scratch.data(), y.data.data()).ok());
+    Tensor h = NaiveLinear(x, in, /*gelu=*/true, bf16);
+    if (bf16) {
+      for (float& v : h.data) v = RoundToBf16(v);
+    }
+    const Tensor expected = NaiveLinear(h, out, /*gelu=*/false, bf16);
+    EXPECT_LE(MaxAbsDiff(y, expected), bf16 ? 2e-3 : 1e-4) << rows << " rows";
+  }
+}
+
+TEST(FeedForwardTest, Bf16LinearsRefuseTheFloat32Entry) {
+  auto context = DnnlContext::Create(ComputeDType::kBF16);
+  ASSERT_TRUE(context.ok()) << context.status();
+  const LinearWeights w{RandomTensor({8, 8}, 1), RandomTensor({8}, 2)};
+  auto linear = Linear::Create(**context, w, Epilogue::kNone, RowsDType::kCompute, RowsDType::kF32);
+  ASSERT_TRUE(linear.ok());
+  std::vector<float> x(8), y(8);
+  EXPECT_EQ(linear->Forward(x.data(), 1, y.data()).code(), absl::StatusCode::kInternal);
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, FeedForwardTest, ::testing::Values(ComputeDType::kF32, ComputeDType::kBF16));
+
 }  // namespace
 }  // namespace mmdit
