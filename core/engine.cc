@@ -119,26 +119,32 @@ void PlanStream(std::vector<float>& buffer, int64_t dim, int64_t mlp, StreamRows
   s.mlp_hidden = carve.Take(s.total * mlp);
 }
 
-// normed[rows of b] = LN(x) * (1 + scale_b) + shift_b, from `source` rows.
-void ModulateRows(const StreamRows& s, const float* source, AdaLnSite site, int64_t dim, float* out) {
-  for (size_t b = 0; b < s.rows.size(); ++b) {
-    LayerNormModulate(source + s.offset[b] * dim, s.rows[b], dim, s.Chunk(b, site.shift, dim),
-                      s.Chunk(b, site.scale, dim), out + s.offset[b] * dim);
+RowGroups SamplesOf(const StreamRows& s) { return {s.offset, s.total, s.modulation_stride}; }
+
+// normed[rows of b] = LN(x) * (1 + scale_b) + shift_b, from `source` rows. The rows only feed
+// matrix products, so they are written in the compute dtype: in bf16 the float buffer `out`
+// holds bf16 values in its first half, and the products read them as they are.
+void ModulateRows(const StreamRows& s, const float* source, AdaLnSite site, int64_t dim, ComputeDType compute,
+                  float* out) {
+  const float* shift = s.Chunk(0, site.shift, dim);
+  const float* scale = s.Chunk(0, site.scale, dim);
+  if (compute == ComputeDType::kBF16) {
+    LayerNormModulate(source, SamplesOf(s), dim, shift, scale, reinterpret_cast<uint16_t*>(out));
+  } else {
+    LayerNormModulate(source, SamplesOf(s), dim, shift, scale, out);
   }
 }
 
 // x[rows of b] += gate_b * y.
 void GateIntoResidual(StreamRows& s, const float* y, AdaLnSite site, int64_t dim) {
-  for (size_t b = 0; b < s.rows.size(); ++b) {
-    GatedResidualAdd(y + s.offset[b] * dim, s.rows[b], dim, s.Chunk(b, site.gate, dim), s.x + s.offset[b] * dim);
-  }
+  GatedResidualAdd(y, SamplesOf(s), dim, s.Chunk(0, site.gate, dim), s.x);
 }
 
 // q, k, v of `normed` rows in one product, with the optional RMS qk-norm.
 template <typename Block>
 absl::Status ProjectQkv(Block& w, const StreamRows& s, const float* normed, int64_t heads, int64_t head_dim) {
   const int64_t dim = heads * head_dim;
-  RETURN_IF_ERROR(w.qkv.Forward(normed, s.total, s.qkv));
+  RETURN_IF_ERROR(w.qkv.ForwardRows(normed, s.total, s.qkv));
   if (w.q_norm) RmsNormHeads(s.qkv, s.total, 3 * dim, heads, head_dim, w.q_norm->data.data());
   if (w.k_norm) RmsNormHeads(s.qkv + dim, s.total, 3 * dim, heads, head_dim, w.k_norm->data.data());
   return absl::OkStatus();
@@ -173,7 +179,7 @@ namespace {
 absl::StatusOr<StreamBlock> PrepareStream(DnnlContext& dnnl, StreamBlockWeights w, int64_t modulation_offset) {
   auto linear = [&](LinearWeights& lw, Epilogue e = Epilogue::kNone) { return Linear::Create(dnnl, std::move(lw), e); };
   LinearWeights qkv_weights = StackOutputs({std::move(w.q), std::move(w.k), std::move(w.v)});
-  ASSIGN_OR_RETURN(Linear qkv, linear(qkv_weights));
+  ASSIGN_OR_RETURN(Linear qkv, Linear::Create(dnnl, std::move(qkv_weights), Epilogue::kNone, RowsDType::kCompute));
   StreamBlock s{modulation_offset,
                 std::move(qkv),
                 std::move(w.q_norm),
@@ -182,14 +188,14 @@ absl::StatusOr<StreamBlock> PrepareStream(DnnlContext& dnnl, StreamBlockWeights 
                 {}};
   if (w.out) {
     ASSIGN_OR_RETURN(s.out, linear(*w.out));
-    ASSIGN_OR_RETURN(s.ff, FeedForward::Create(dnnl, std::move(*w.ff_in), std::move(*w.ff_out)));
+    ASSIGN_OR_RETURN(s.ff, FeedForward::Create(dnnl, std::move(*w.ff_in), std::move(*w.ff_out), RowsDType::kCompute));
   }
   return s;
 }
 
 absl::StatusOr<SelfAttentionBlock> PrepareSelfAttention(DnnlContext& dnnl, SelfAttentionWeights w) {
   LinearWeights qkv_weights = StackOutputs({std::move(w.q), std::move(w.k), std::move(w.v)});
-  ASSIGN_OR_RETURN(Linear qkv, Linear::Create(dnnl, std::move(qkv_weights), Epilogue::kNone));
+  ASSIGN_OR_RETURN(Linear qkv, Linear::Create(dnnl, std::move(qkv_weights), Epilogue::kNone, RowsDType::kCompute));
   ASSIGN_OR_RETURN(Linear out, Linear::Create(dnnl, std::move(w.out), Epilogue::kNone));
   return SelfAttentionBlock{std::move(qkv), std::move(out), std::move(w.q_norm), std::move(w.k_norm)};
 }
@@ -220,7 +226,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelConfig& config
   ASSIGN_OR_RETURN(Linear pooled_1, linear(w.pooled_1));
   ASSIGN_OR_RETURN(Linear pooled_2, linear(w.pooled_2));
   ASSIGN_OR_RETURN(Linear context_embedder, linear(w.context_embedder));
-  ASSIGN_OR_RETURN(Linear proj_out, linear(w.proj_out));
+  ASSIGN_OR_RETURN(Linear proj_out, Linear::Create(*dnnl, std::move(w.proj_out), Epilogue::kNone, RowsDType::kCompute));
   // The stacked modulation: per block the image stream's chunks, then the text stream's;
   // norm_out last.
   std::vector<LinearWeights> modulation_parts;
@@ -371,6 +377,7 @@ namespace {
 // Everything one forward call reads and writes besides the weights.
 struct Pass {
   const ModelConfig& config;
+  ComputeDType compute;
   absl::Span<const SampleInput> batch;
   StreamRows& image;
   StreamRows& text;
@@ -446,7 +453,7 @@ absl::Status PreAttention(Pass& pass, StreamBlock& w, AdaLnSite site, StreamRows
   const ModelConfig& c = pass.config;
   s.modulation = pass.modulation + w.modulation_offset;
   s.modulation_stride = pass.modulation_width;
-  ModulateRows(s, s.x, site, c.hidden(), s.normed);
+  ModulateRows(s, s.x, site, c.hidden(), pass.compute, s.normed);
   return ProjectQkv(w, s, s.normed, c.num_attention_heads, c.attention_head_dim);
 }
 
@@ -474,7 +481,7 @@ absl::Status AttentionResidual(Pass& pass, StreamBlock& w, AdaLnSite site, Strea
 // x += gate * ff(LN(x) * (1 + scale) + shift), ff = Linear(GELU_tanh(Linear(.))).
 absl::Status MlpResidual(Pass& pass, StreamBlock& w, AdaLnSite site, StreamRows& s) {
   const int64_t d = pass.config.hidden();
-  ModulateRows(s, s.x, site, d, s.normed);
+  ModulateRows(s, s.x, site, d, pass.compute, s.normed);
   RETURN_IF_ERROR(w.ff->Forward(s.normed, s.total, s.mlp_hidden, s.projected));
   GateIntoResidual(s, s.projected, site, d);
   return absl::OkStatus();
@@ -505,7 +512,7 @@ absl::Status JointBlockForward(Pass& pass, JointBlock& block) {
   RETURN_IF_ERROR(PreAttention(pass, block.image, block.image_layout.attention, image));
   RETURN_IF_ERROR(PreAttention(pass, block.text, block.text_layout.attention, text));
   if (block.dual_attention) {
-    ModulateRows(image, image.x, block.image_layout.dual, pass.config.hidden(), image.mlp_hidden);
+    ModulateRows(image, image.x, block.image_layout.dual, pass.config.hidden(), pass.compute, image.mlp_hidden);
   }
   JointAttention(pass);
   RETURN_IF_ERROR(AttentionResidual(pass, block.image, block.image_layout.attention, image));
@@ -524,8 +531,8 @@ absl::Status FinalLayer(Pass& pass, EngineModel& m, float* y) {
   s.modulation = pass.modulation + m.final_modulation_offset;
   s.modulation_stride = pass.modulation_width;
   // norm_out's chunks are [scale, shift], the order of the context-pre-only block's.
-  ModulateRows(s, s.x, kContextPreOnly.attention, pass.config.hidden(), s.normed);
-  return m.proj_out.Forward(s.normed, s.total, y);
+  ModulateRows(s, s.x, kContextPreOnly.attention, pass.config.hidden(), pass.compute, s.normed);
+  return m.proj_out.ForwardRows(s.normed, s.total, y);
 }
 
 }  // namespace
@@ -571,6 +578,7 @@ absl::StatusOr<std::vector<Tensor>> Engine::Forward(absl::Span<const SampleInput
   float* conditioning_scratch = carve.Take(n_batch * (2 * d + kTimestepFeatures + c.pooled_projection_dim));
   float* modulation = carve.Take(n_batch * modulation_width);
   Pass pass{c,
+            options_.compute,
             batch,
             ws.image_rows,
             ws.text_rows,

@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <bit>
 #include <cassert>
 #include <cmath>
 
@@ -205,9 +206,19 @@ template <int kRows>
   for (; i < q_end; ++i) AttendRows<1>(seq, kv, head_offset, strides, i, scores);
 }
 
-// One row of LayerNormModulate; inlined into one copy per instruction set.
+// float32 to bf16 bits, rounding to nearest even (inputs are finite).
+[[gnu::always_inline]] inline uint16_t ToBf16(float value) {
+  uint32_t bits = std::bit_cast<uint32_t>(value);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+[[gnu::always_inline]] inline void StoreAs(float value, float* out) { *out = value; }
+[[gnu::always_inline]] inline void StoreAs(float value, uint16_t* out) { *out = ToBf16(value); }
+
+// One row of LayerNormModulate; inlined into one copy per instruction set and output type.
+template <typename Out>
 [[gnu::always_inline]] inline void LayerNormModulateRow(const float* xr, int64_t dim, const float* shift,
-                                                        const float* scale, float* yr) {
+                                                        const float* scale, Out* yr) {
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t e = 0; e < dim; ++e) sum += xr[e];
@@ -217,7 +228,7 @@ template <int kRows>
   for (int64_t e = 0; e < dim; ++e) sq += (xr[e] - mean) * (xr[e] - mean);
   const float inv_std = 1.0f / std::sqrt(sq / dim + kNormEpsilon);
 #pragma omp simd
-  for (int64_t e = 0; e < dim; ++e) yr[e] = (xr[e] - mean) * inv_std * (1.0f + scale[e]) + shift[e];
+  for (int64_t e = 0; e < dim; ++e) StoreAs((xr[e] - mean) * inv_std * (1.0f + scale[e]) + shift[e], yr + e);
 }
 
 // Run-time dispatch for the two hot loops of our own: AVX-512, AVX2+FMA, or baseline x86-64,
@@ -226,7 +237,8 @@ template <int kRows>
 // sanitizers' runtimes are up and crashes TSan builds.
 using AttendTileFn = void (*)(const AttentionSequence&, const PackedHead&, int64_t, const AttentionStrides&, int64_t,
                               int64_t, float*);
-using LayerNormRowFn = void (*)(const float*, int64_t, const float*, const float*, float*);
+template <typename Out>
+using LayerNormRowFn = void (*)(const float*, int64_t, const float*, const float*, Out*);
 
 [[gnu::target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]] void AttendTileAvx512(const AttentionSequence& seq, const PackedHead& kv, int64_t head_offset,
     const AttentionStrides& strides, int64_t q_begin, int64_t q_end, float* scores) {
@@ -240,16 +252,19 @@ void AttendTileBaseline(const AttentionSequence& seq, const PackedHead& kv, int6
     const AttentionStrides& strides, int64_t q_begin, int64_t q_end, float* scores) {
   AttendTileBody(seq, kv, head_offset, strides, q_begin, q_end, scores);
 }
+template <typename Out>
 [[gnu::target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]] void LayerNormRowAvx512(const float* x, int64_t dim,
                                                                                        const float* shift,
-                                                                                       const float* scale, float* y) {
+                                                                                       const float* scale, Out* y) {
   LayerNormModulateRow(x, dim, shift, scale, y);
 }
+template <typename Out>
 [[gnu::target("avx2,fma")]] void LayerNormRowAvx2(const float* x, int64_t dim, const float* shift, const float* scale,
-                                                  float* y) {
+                                                  Out* y) {
   LayerNormModulateRow(x, dim, shift, scale, y);
 }
-void LayerNormRowBaseline(const float* x, int64_t dim, const float* shift, const float* scale, float* y) {
+template <typename Out>
+void LayerNormRowBaseline(const float* x, int64_t dim, const float* shift, const float* scale, Out* y) {
   LayerNormModulateRow(x, dim, shift, scale, y);
 }
 
@@ -267,22 +282,46 @@ const Isa kIsa = DetectIsa();
 const AttendTileFn kAttendTile = kIsa == Isa::kAvx512 ? AttendTileAvx512
                                  : kIsa == Isa::kAvx2 ? AttendTileAvx2
                                                       : AttendTileBaseline;
-const LayerNormRowFn kLayerNormRow = kIsa == Isa::kAvx512 ? LayerNormRowAvx512
-                                     : kIsa == Isa::kAvx2 ? LayerNormRowAvx2
-                                                          : LayerNormRowBaseline;
+template <typename Out>
+const LayerNormRowFn<Out> kLayerNormRow = kIsa == Isa::kAvx512 ? LayerNormRowAvx512<Out>
+                                          : kIsa == Isa::kAvx2 ? LayerNormRowAvx2<Out>
+                                                               : LayerNormRowBaseline<Out>;
+
+// The group of row r: groups are few (a batch's samples), so a scan is cheap.
+int64_t GroupOf(const RowGroups& groups, int64_t r) {
+  int64_t g = 0;
+  while (g + 1 < static_cast<int64_t>(groups.start.size()) && groups.start[g + 1] <= r) ++g;
+  return g;
+}
+
+template <typename Out>
+void LayerNormModulateRows(const float* x, const RowGroups& groups, int64_t dim, const float* shift,
+                           const float* scale, Out* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < groups.rows; ++r) {
+    const int64_t g = GroupOf(groups, r) * groups.stride;
+    kLayerNormRow<Out>(x + r * dim, dim, shift + g, scale + g, out + r * dim);
+  }
+}
 
 }  // namespace
 
-void LayerNormModulate(const float* x, int64_t rows, int64_t dim, const float* shift, const float* scale, float* out) {
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) kLayerNormRow(x + r * dim, dim, shift, scale, out + r * dim);
+void LayerNormModulate(const float* x, const RowGroups& groups, int64_t dim, const float* shift, const float* scale,
+                       float* out) {
+  LayerNormModulateRows(x, groups, dim, shift, scale, out);
 }
 
-void GatedResidualAdd(const float* y, int64_t rows, int64_t dim, const float* gate, float* x) {
+void LayerNormModulate(const float* x, const RowGroups& groups, int64_t dim, const float* shift, const float* scale,
+                       uint16_t* out) {
+  LayerNormModulateRows(x, groups, dim, shift, scale, out);
+}
+
+void GatedResidualAdd(const float* y, const RowGroups& groups, int64_t dim, const float* gate, float* x) {
 #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = 0; r < groups.rows; ++r) {
+    const float* row_gate = gate + GroupOf(groups, r) * groups.stride;
 #pragma omp simd
-    for (int64_t e = 0; e < dim; ++e) x[r * dim + e] += gate[e] * y[r * dim + e];
+    for (int64_t e = 0; e < dim; ++e) x[r * dim + e] += row_gate[e] * y[r * dim + e];
   }
 }
 

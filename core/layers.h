@@ -13,13 +13,25 @@ namespace mmdit {
 inline constexpr float kNormEpsilon = 1e-6f;
 inline constexpr int64_t kTimestepFeatures = 256;
 
-// out[r] = LN(x[r]) * (1 + scale) + shift for `rows` rows of width `dim`; LN has no affine
-// weights (eps 1e-6, biased variance). `shift` and `scale` are [dim], shared by all rows.
-// `out` may alias `x`.
-void LayerNormModulate(const float* x, int64_t rows, int64_t dim, const float* shift, const float* scale, float* out);
+// Rows in consecutive groups (a batch's samples, packed one after another), each with its own
+// modulation: group g is rows [start[g], start[g + 1]) (the last ends at `rows`), and its
+// [dim] modulation vectors start `g * stride` floats after group 0's.
+struct RowGroups {
+  absl::Span<const int64_t> start;  // start[0] == 0
+  int64_t rows;
+  int64_t stride;
+};
 
-// x[r] += gate * y[r] for `rows` rows of width `dim`; `gate` is [dim].
-void GatedResidualAdd(const float* y, int64_t rows, int64_t dim, const float* gate, float* x);
+// out[r] = LN(x[r]) * (1 + scale_g) + shift_g for rows of width `dim` (g: r's group); LN has
+// no affine weights (eps 1e-6, biased variance). `out` may alias `x`. The uint16_t form
+// writes bf16 (round to nearest even): the input of a bf16 matrix product.
+void LayerNormModulate(const float* x, const RowGroups& groups, int64_t dim, const float* shift, const float* scale,
+                       float* out);
+void LayerNormModulate(const float* x, const RowGroups& groups, int64_t dim, const float* shift, const float* scale,
+                       uint16_t* out);
+
+// x[r] += gate_g * y[r] for rows of width `dim` (g: r's group).
+void GatedResidualAdd(const float* y, const RowGroups& groups, int64_t dim, const float* gate, float* x);
 
 // In place, per row and head: z / sqrt(mean(z^2) + 1e-6) * gamma over `head_dim` features.
 // Each row's first `heads * head_dim` floats, rows `row_stride` floats apart; `gamma` is [head_dim].

@@ -155,15 +155,16 @@ absl::Status Linear::ForwardRows(const void* x, int64_t rows, void* y) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<FeedForward> FeedForward::Create(DnnlContext& context, LinearWeights in, LinearWeights out) {
-  auto first = Linear::Create(context, std::move(in), Epilogue::kGeluTanh, RowsDType::kF32, RowsDType::kCompute);
+absl::StatusOr<FeedForward> FeedForward::Create(DnnlContext& context, LinearWeights in, LinearWeights out,
+                                                RowsDType input) {
+  auto first = Linear::Create(context, std::move(in), Epilogue::kGeluTanh, input, RowsDType::kCompute);
   if (!first.ok()) return first.status();
   auto second = Linear::Create(context, std::move(out), Epilogue::kNone, RowsDType::kCompute, RowsDType::kF32);
   if (!second.ok()) return second.status();
   return FeedForward(*std::move(first), *std::move(second));
 }
 
-absl::Status FeedForward::Forward(const float* x, int64_t rows, float* hidden, float* y) {
+absl::Status FeedForward::Forward(const void* x, int64_t rows, float* hidden, float* y) {
   if (absl::Status status = in_.ForwardRows(x, rows, hidden); !status.ok()) return status;
   return out_.ForwardRows(hidden, rows, y);
 }

@@ -89,9 +89,12 @@ class Linear {
 // compute dtype: in bf16 the first product writes bf16 and the second reads it as is.
 class FeedForward {
  public:
-  static absl::StatusOr<FeedForward> Create(DnnlContext& context, LinearWeights in, LinearWeights out);
-  // y[rows, D] from x[rows, D]; `hidden` is scratch of rows * hidden_features() floats.
-  absl::Status Forward(const float* x, int64_t rows, float* hidden, float* y);
+  // `input`: what the rows passed to Forward hold.
+  static absl::StatusOr<FeedForward> Create(DnnlContext& context, LinearWeights in, LinearWeights out,
+                                            RowsDType input = RowsDType::kF32);
+  // y[rows, D] (float32) from x[rows, D] (as created); `hidden` is scratch of rows *
+  // hidden_features() floats.
+  absl::Status Forward(const void* x, int64_t rows, float* hidden, float* y);
   int64_t hidden_features() const { return in_.out_features(); }
 
  private:

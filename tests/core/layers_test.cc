@@ -7,6 +7,7 @@
 #include <cmath>
 #include <vector>
 
+#include "core/dtype.h"
 #include "tests/core/test_util.h"
 
 namespace mmdit {
@@ -21,7 +22,8 @@ TEST(LayerNormModulate, MatchesNaiveLoop) {
   const int64_t rows = 5, dim = 37;
   const Tensor x = RandomTensor({rows, dim}, 1, 3.0f), shift = RandomTensor({dim}, 2), scale = RandomTensor({dim}, 3);
   Tensor out({rows, dim}), naive({rows, dim});
-  LayerNormModulate(x.data.data(), rows, dim, shift.data.data(), scale.data.data(), out.data.data());
+  const int64_t one_group[] = {0};
+  LayerNormModulate(x.data.data(), {one_group, rows, 0}, dim, shift.data.data(), scale.data.data(), out.data.data());
   for (int64_t r = 0; r < rows; ++r) {
     double mean = 0, var = 0;
     for (int64_t e = 0; e < dim; ++e) mean += x.data[r * dim + e] / dim;
@@ -39,8 +41,10 @@ TEST(LayerNormModulate, MayWriteInPlace) {
   Tensor x = RandomTensor({rows, dim}, 4);
   const Tensor shift = RandomTensor({dim}, 5), scale = RandomTensor({dim}, 6);
   Tensor separate({rows, dim});
-  LayerNormModulate(x.data.data(), rows, dim, shift.data.data(), scale.data.data(), separate.data.data());
-  LayerNormModulate(x.data.data(), rows, dim, shift.data.data(), scale.data.data(), x.data.data());
+  const int64_t one_group[] = {0};
+  LayerNormModulate(x.data.data(), {one_group, rows, 0}, dim, shift.data.data(), scale.data.data(),
+                    separate.data.data());
+  LayerNormModulate(x.data.data(), {one_group, rows, 0}, dim, shift.data.data(), scale.data.data(), x.data.data());
   EXPECT_EQ(x.data, separate.data);
 }
 
@@ -50,7 +54,47 @@ TEST(GatedResidualAdd, AddsGateTimesUpdate) {
   Tensor x = RandomTensor({rows, dim}, 9);
   Tensor naive = x;
   for (int64_t i = 0; i < rows * dim; ++i) naive.data[i] += gate.data[i % dim] * y.data[i];
-  GatedResidualAdd(y.data.data(), rows, dim, gate.data.data(), x.data.data());
+  const int64_t one_group[] = {0};
+  GatedResidualAdd(y.data.data(), {one_group, rows, 0}, dim, gate.data.data(), x.data.data());
+  EXPECT_LE(MaxAbsDiff(x, naive), kTolerance);
+}
+
+// Three groups of rows (2, 0 and 3 rows), each with its own modulation vectors `stride`
+// floats apart: each group matches the one-group call on its own rows, and the bf16 form
+// is the float32 result rounded to bf16.
+TEST(LayerNormModulate, ModulatesEachGroupWithItsOwnVectorsInBothOutputTypes) {
+  const int64_t dim = 24, stride = 3 * dim, rows = 5;
+  const Tensor x = RandomTensor({rows, dim}, 40, 2.0f), modulation = RandomTensor({3, stride}, 41);
+  const int64_t starts[] = {0, 2, 2};
+  std::vector<float> grouped(rows * dim);
+  std::vector<uint16_t> grouped_bf16(rows * dim);
+  const float* shift = modulation.data.data();  // chunk 0 of each group's row
+  const float* scale = shift + dim;             // chunk 1
+  LayerNormModulate(x.data.data(), {starts, rows, stride}, dim, shift, scale, grouped.data());
+  LayerNormModulate(x.data.data(), {starts, rows, stride}, dim, shift, scale, grouped_bf16.data());
+  const int64_t one_group[] = {0};
+  const int64_t group_of_row[] = {0, 0, 2, 2, 2};
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t g = group_of_row[r];
+    std::vector<float> alone(dim);
+    LayerNormModulate(x.data.data() + r * dim, {one_group, 1, 0}, dim, shift + g * stride, scale + g * stride,
+                      alone.data());
+    for (int64_t e = 0; e < dim; ++e) {
+      EXPECT_EQ(grouped[r * dim + e], alone[e]) << r << ", " << e;
+      EXPECT_EQ(grouped_bf16[r * dim + e], FloatToBFloat16(alone[e])) << r << ", " << e;
+    }
+  }
+}
+
+TEST(GatedResidualAdd, GatesEachGroupWithItsOwnVector) {
+  const int64_t dim = 8, stride = 2 * dim, rows = 3;
+  const Tensor y = RandomTensor({rows, dim}, 42), gates = RandomTensor({2, stride}, 43);
+  Tensor x = RandomTensor({rows, dim}, 44);
+  Tensor naive = x;
+  const int64_t starts[] = {0, 1};
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t e = 0; e < dim; ++e) naive.data[r * dim + e] += gates.data[(r == 0 ? 0 : stride) + e] * y.data[r * dim + e];
+  GatedResidualAdd(y.data.data(), {starts, rows, stride}, dim, gates.data.data(), x.data.data());
   EXPECT_LE(MaxAbsDiff(x, naive), kTolerance);
 }
 
