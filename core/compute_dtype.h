@@ -7,9 +7,10 @@
 
 namespace mmdit {
 
-// kBF16: weights held in bf16, activations converted to bf16 on the way into each product,
-// float32 accumulation and output; everything outside the products (norms, softmax,
-// residuals) stays float32.
+// kBF16: weights held in bf16, activations bf16 into each product (LayerNorm + modulation
+// and the MLP's first product write them so; other inputs are converted on the way in),
+// float32 accumulation; everything outside the products (norms, softmax, attention,
+// residuals) computes in float32.
 enum class ComputeDType { kF32, kBF16 };
 
 // "f32" or "bf16". Errors: InvalidArgument naming `flag` and the accepted values.

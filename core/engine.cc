@@ -38,7 +38,7 @@ struct StreamBlock {  // one stream's half of a joint block
   int64_t modulation_offset;  // where its AdaLN chunks start in a row of EngineModel::modulation's output
   Linear qkv;  // to_q, to_k, to_v stacked: one product, rows [q | k | v]
   std::optional<Tensor> q_norm, k_norm;
-  std::optional<Linear> out;        // absent in a context-pre-only text stream, as is
+  std::optional<Linear> out;  // out and ff: absent in a context-pre-only text stream
   std::optional<FeedForward> ff;
 };
 
