@@ -241,8 +241,20 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelConfig& config
   }
   const int64_t final_modulation_offset = modulation_width;
   modulation_parts.push_back(std::move(w.norm_out));
-  LinearWeights stacked_modulation = StackOutputs(std::move(modulation_parts));
-  ASSIGN_OR_RETURN(Linear modulation, linear(stacked_modulation));
+  std::vector<JointBlock> blocks;
+  for (size_t i = 0; i < w.blocks.size(); ++i) {
+    JointBlockWeights& bw = w.blocks[i];
+    ASSIGN_OR_RETURN(StreamBlock image, PrepareStream(*dnnl, std::move(bw.image), stream_offsets[2 * i]));
+    ASSIGN_OR_RETURN(StreamBlock text, PrepareStream(*dnnl, std::move(bw.text), stream_offsets[2 * i + 1]));
+    JointBlock block{std::move(image), std::move(text), std::nullopt,
+                     bw.dual_attention ? kDualAttentionBlock : kFullBlock,
+                     config.IsContextPreOnly(i) ? kContextPreOnly : kFullBlock};
+    if (bw.dual_attention) {
+      ASSIGN_OR_RETURN(block.dual_attention, PrepareSelfAttention(*dnnl, std::move(*bw.dual_attention)));
+    }
+    blocks.push_back(std::move(block));
+  }
+  ASSIGN_OR_RETURN(Linear modulation, Linear::CreateStacked(*dnnl, std::move(modulation_parts)));
   auto model = std::make_unique<EngineModel>(EngineModel{nullptr,
                                                          std::move(patch_embed),
                                                          std::move(timestep_1),
@@ -254,19 +266,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelConfig& config
                                                          std::move(modulation),
                                                          final_modulation_offset,
                                                          std::move(w.pos_table),
-                                                         {}});
-  for (size_t i = 0; i < w.blocks.size(); ++i) {
-    JointBlockWeights& bw = w.blocks[i];
-    ASSIGN_OR_RETURN(StreamBlock image, PrepareStream(*dnnl, std::move(bw.image), stream_offsets[2 * i]));
-    ASSIGN_OR_RETURN(StreamBlock text, PrepareStream(*dnnl, std::move(bw.text), stream_offsets[2 * i + 1]));
-    JointBlock block{std::move(image), std::move(text), std::nullopt,
-                     bw.dual_attention ? kDualAttentionBlock : kFullBlock,
-                     config.IsContextPreOnly(i) ? kContextPreOnly : kFullBlock};
-    if (bw.dual_attention) {
-      ASSIGN_OR_RETURN(block.dual_attention, PrepareSelfAttention(*dnnl, std::move(*bw.dual_attention)));
-    }
-    model->blocks.push_back(std::move(block));
-  }
+                                                         std::move(blocks)});
   model->dnnl = std::move(dnnl);  // the Linears point at it; it lives as long as they do
   return std::unique_ptr<Engine>(new Engine(config, options, std::move(model)));
 }

@@ -95,6 +95,52 @@ absl::StatusOr<Linear> Linear::Create(DnnlContext& context, LinearWeights weight
   return linear;
 }
 
+absl::StatusOr<Linear> Linear::CreateStacked(DnnlContext& context, std::vector<LinearWeights> parts) {
+  int64_t out = 0;
+  for (const LinearWeights& part : parts) out += part.weight.shape[0];
+  const int64_t in = parts.empty() ? 0 : parts[0].weight.shape[1];
+  std::vector<dnnl::memory::desc> part_columns;  // each part's columns of the packed matrix
+  dnnl::memory::desc packed_md;
+  try {
+    const dnnl::memory::desc any_md({in, out}, ComputeType(context.compute), tag::any);
+    packed_md = MakeDesc(context.engine, kLayoutRows, in, out, any_md, Epilogue::kNone, context.compute,
+                         RowsDType::kF32)
+                    .weights_desc();
+    int64_t first_column = 0;
+    for (const LinearWeights& part : parts) {
+      const int64_t columns = part.weight.shape[0];
+      part_columns.push_back(packed_md.submemory_desc({in, columns}, {0, first_column}));
+      first_column += columns;
+    }
+  } catch (const dnnl::error&) {
+    // A part's columns do not start on a block of the packed layout (small test models):
+    // stack first, then pack as one.
+    return Create(context, StackOutputs(std::move(parts)), Epilogue::kNone);
+  }
+  Linear linear;
+  linear.context_ = &context;
+  linear.out_features_ = out;
+  linear.in_features_ = in;
+  try {
+    linear.packed_weights_ = dnnl::memory(packed_md, context.engine);
+    linear.bias_ = dnnl::memory({{1, out}, dt::f32, tag::ab}, context.engine);
+    float* bias = static_cast<float*>(linear.bias_.get_data_handle());
+    for (size_t i = 0; i < parts.size(); ++i) {
+      const int64_t columns = parts[i].weight.shape[0];
+      dnnl::memory destination(part_columns[i], context.engine, linear.packed_weights_.get_data_handle());
+      dnnl::memory stored({{in, columns}, dt::f32, tag::ba}, context.engine, parts[i].weight.data.data());
+      dnnl::reorder(stored, destination).execute(context.stream, stored, destination);
+      context.stream.wait();
+      std::copy(parts[i].bias.data.begin(), parts[i].bias.data.end(), bias);
+      bias += columns;
+      parts[i] = LinearWeights();
+    }
+  } catch (const dnnl::error& e) {
+    return DnnlError(e, absl::StrCat("preparing a stacked [", out, ", ", in, "] linear"));
+  }
+  return linear;
+}
+
 bool Linear::ConvertsInput() const { return context_->compute == ComputeDType::kBF16 && input_ == RowsDType::kF32; }
 
 absl::StatusOr<Linear::RowPrimitives*> Linear::PrimitivesForRows(int64_t rows) {

@@ -52,6 +52,11 @@ class Linear {
   static absl::StatusOr<Linear> Create(DnnlContext& context, LinearWeights weights, Epilogue epilogue,
                                        RowsDType input = RowsDType::kF32, RowsDType output = RowsDType::kF32);
 
+  // One Linear computing all of `parts` (same input width), outputs in order, float32 rows.
+  // Each part is packed straight into its columns of the packed matrix and freed, so that
+  // preparing a large stack (the modulation: 340 MB for seed-default) never holds it twice.
+  static absl::StatusOr<Linear> CreateStacked(DnnlContext& context, std::vector<LinearWeights> parts);
+
   // y[rows, out] = epilogue(x[rows, in] W^T + b), for a Linear with float32 rows on both
   // sides. Errors: Internal if oneDNN fails, or if the Linear was made for other rows.
   absl::Status Forward(const float* x, int64_t rows, float* y);

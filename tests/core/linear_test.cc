@@ -59,6 +59,35 @@ INSTANTIATE_TEST_SUITE_P(EpiloguesAndDtypes, LinearTest,
                          ::testing::Combine(::testing::Values(Epilogue::kNone, Epilogue::kGeluTanh),
                                             ::testing::Values(ComputeDType::kF32, ComputeDType::kBF16)));
 
+class StackedLinearTest : public ::testing::TestWithParam<std::tuple<int64_t, ComputeDType>> {};
+
+// CreateStacked equals one Linear over the parts' rows stacked, whether the parts start on
+// blocks of the packed layout (packed part by part) or not (stacked first).
+TEST_P(StackedLinearTest, EqualsTheLinearOfTheStackedWeights) {
+  const auto [part_rows, compute] = GetParam();
+  auto context = DnnlContext::Create(compute);
+  ASSERT_TRUE(context.ok()) << context.status();
+  const int64_t in = 48;
+  std::vector<LinearWeights> parts;
+  for (uint32_t p = 0; p < 3; ++p) {
+    parts.push_back({RandomTensor({part_rows * (p + 1), in}, 10 + p, 0.2f), RandomTensor({part_rows * (p + 1)}, 20 + p)});
+  }
+  const LinearWeights stacked = StackOutputs(parts);
+  auto linear = Linear::CreateStacked(**context, parts);
+  ASSERT_TRUE(linear.ok()) << linear.status();
+  EXPECT_EQ(linear->out_features(), 6 * part_rows);
+  for (int64_t rows : {1, 8}) {
+    const Tensor x = RandomTensor({rows, in}, 30 + rows);
+    Tensor y({rows, 6 * part_rows});
+    ASSERT_TRUE(linear->Forward(x.data.data(), rows, y.data.data()).ok());
+    EXPECT_LE(MaxAbsDiff(y, NaiveLinear(x, stacked, false, compute == ComputeDType::kBF16)), 1e-4) << rows;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(PartSizesAndDtypes, StackedLinearTest,
+                         ::testing::Combine(::testing::Values(int64_t{64}, int64_t{7}),
+                                            ::testing::Values(ComputeDType::kF32, ComputeDType::kBF16)));
+
 class FeedForwardTest : public ::testing::TestWithParam<ComputeDType> {};
 
 // Linear(GELU(Linear(x))); in bf16 the hidden rows are rounded to bf16 between the two, as
