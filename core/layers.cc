@@ -13,9 +13,9 @@ namespace mmdit {
 namespace {
 
 // Attention (see Attention below) works in tasks of up to kQueryTile query rows of one
-// sequence and head: enough rows to reuse each packed key from cache, few enough that short
-// sequences still split across threads, and the tile's scores ([kQueryTile, L] floats) stay
-// in L2 for any realistic L.
+// sequence and head: enough rows that a task reuses the head's packed keys and values from
+// cache, few enough that short sequences still split across threads. Within a task, rows go
+// kRowGroup at a time, so a thread's scores are only kRowGroup rows long.
 constexpr int64_t kQueryTile = 32;
 // Query rows and key columns one micro-kernel step holds in registers.
 constexpr int kRowGroup = 4;
