@@ -7,7 +7,6 @@
 #include <filesystem>
 
 #include "absl/cleanup/cleanup.h"
-#include "absl/container/inlined_vector.h"
 #include "absl/strings/str_cat.h"
 #include "core/checkpoint.h"
 #include "core/layers.h"
@@ -88,6 +87,8 @@ struct StreamRows {
 struct EngineWorkspace {
   std::vector<float> image, text, conditioning, attention_scratch;
   StreamRows image_rows, text_rows;
+  std::vector<AttentionSequence> sequences;  // one per sample, rebuilt for each attention
+  std::vector<int64_t> sequence_lengths;     // each sample's joint attention length
 };
 
 namespace {
@@ -386,6 +387,7 @@ struct Pass {
   float* modulation;            // [B, modulation_width]: every AdaLN chunk of the pass
   int64_t modulation_width;
   absl::Span<float> attention_scratch;
+  std::vector<AttentionSequence>& sequences;  // [B], filled by each attention call
 };
 
 // Patchify (or take tokens), patch-embed, add cropped positions: image.x [N_total, D].
@@ -461,7 +463,7 @@ absl::Status PreAttention(Pass& pass, StreamBlock& w, AdaLnSite site, StreamRows
 // image tokens together, and the result lands back in each stream's `attended` rows.
 void JointAttention(Pass& pass) {
   const int64_t batch = pass.batch.size(), d = pass.config.hidden();
-  absl::InlinedVector<AttentionSequence, 16> sequences(batch);
+  std::vector<AttentionSequence>& sequences = pass.sequences;
   for (int64_t b = 0; b < batch; ++b) {
     sequences[b].segments[0] = SegmentOf(pass.text, b, d);
     sequences[b].segments[1] = SegmentOf(pass.image, b, d);
@@ -493,7 +495,7 @@ absl::Status DualSelfAttention(Pass& pass, SelfAttentionBlock& w, AdaLnSite site
   const ModelConfig& c = pass.config;
   StreamRows& s = pass.image;
   RETURN_IF_ERROR(ProjectQkv(w, s, normed, c.num_attention_heads, c.attention_head_dim));
-  absl::InlinedVector<AttentionSequence, 16> sequences(pass.batch.size());
+  std::vector<AttentionSequence>& sequences = pass.sequences;
   for (size_t b = 0; b < sequences.size(); ++b) {
     sequences[b].segments[0] = SegmentOf(s, b, c.hidden());
     sequences[b].num_segments = 1;
@@ -555,12 +557,13 @@ absl::StatusOr<std::vector<Tensor>> Engine::Forward(absl::Span<const SampleInput
   ws.text_rows.offset.assign(n_batch, 0);
   ws.image_rows.rows.resize(n_batch);
   ws.text_rows.rows.resize(n_batch);
-  absl::InlinedVector<int64_t, 16> sequence_lengths(n_batch);  // joint attention's; the dual's are shorter
+  ws.sequences.resize(n_batch);
+  ws.sequence_lengths.resize(n_batch);  // joint attention's; the dual's are shorter
   for (int64_t b = 0; b < n_batch; ++b) {
     const SampleTokens tokens = TokensOf(batch[b]);
     ws.image_rows.rows[b] = tokens.image_tokens;
     ws.text_rows.rows[b] = tokens.text_tokens;
-    sequence_lengths[b] = tokens.image_tokens + tokens.text_tokens;
+    ws.sequence_lengths[b] = tokens.image_tokens + tokens.text_tokens;
   }
   // The MLP buffer doubles as input staging (patch features, text features) and holds the
   // dual-attention input: it is at least as wide as each.
@@ -572,7 +575,7 @@ absl::StatusOr<std::vector<Tensor>> Engine::Forward(absl::Span<const SampleInput
   Carver carve(ws.conditioning,
                n_batch * (3 * d + kTimestepFeatures + c.pooled_projection_dim + modulation_width));
   const int64_t scratch =
-      AttentionScratchFloats(sequence_lengths, c.num_attention_heads, c.attention_head_dim, omp_get_max_threads());
+      AttentionScratchFloats(ws.sequence_lengths, c.num_attention_heads, c.attention_head_dim, omp_get_max_threads());
   if (static_cast<int64_t>(ws.attention_scratch.size()) < scratch) ws.attention_scratch.resize(scratch);
   float* conditioning = carve.Take(n_batch * d);
   float* conditioning_scratch = carve.Take(n_batch * (2 * d + kTimestepFeatures + c.pooled_projection_dim));
@@ -586,7 +589,8 @@ absl::StatusOr<std::vector<Tensor>> Engine::Forward(absl::Span<const SampleInput
             conditioning_scratch,
             modulation,
             modulation_width,
-            absl::MakeSpan(ws.attention_scratch)};
+            absl::MakeSpan(ws.attention_scratch),
+            ws.sequences};
 
   m.dnnl->trace = matmul_trace;
   absl::Cleanup stop_tracing = [&m] { m.dnnl->trace = nullptr; };
@@ -599,6 +603,7 @@ absl::StatusOr<std::vector<Tensor>> Engine::Forward(absl::Span<const SampleInput
   RETURN_IF_ERROR(FinalLayer(pass, m, y));
 
   std::vector<Tensor> outputs;
+  outputs.reserve(n_batch);
   for (int64_t b = 0; b < n_batch; ++b) {
     const Shape& img = batch[b].img_latent.shape;
     const float* sample_y = y + ws.image_rows.offset[b] * c.output_features();

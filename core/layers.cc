@@ -7,7 +7,6 @@
 #include <cassert>
 #include <cmath>
 
-#include "absl/container/inlined_vector.h"
 
 namespace mmdit {
 namespace {
@@ -131,8 +130,9 @@ template <int kRows>
   }
   float total = 0.0f;
   for (int64_t e = 0; e < kVector; ++e) total += sum[e];
-  if (j < length) {  // the tail, through a padded copy
-    float tail[kVector] = {};
+  if (j < length) {  // the tail, through a copy padded with the maximum (e^0 lanes, unused)
+    float tail[kVector];
+    std::fill_n(tail, kVector, max_score);
     std::copy(scores + j, scores + length, tail);
     const Vec p = ExpNonPositive(Load(tail) - max_score);
     for (int64_t e = 0; e < length - j; ++e) total += (scores[j + e] = p[e]);
@@ -206,11 +206,12 @@ template <int kRows>
   for (; i < q_end; ++i) AttendRows<1>(seq, kv, head_offset, strides, i, scores);
 }
 
-// float32 to bf16 bits, rounding to nearest even (inputs are finite).
+// float32 to bf16 bits, rounding to nearest even; NaN stays NaN (as FloatToBFloat16).
 [[gnu::always_inline]] inline uint16_t ToBf16(float value) {
-  uint32_t bits = std::bit_cast<uint32_t>(value);
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
+  const uint32_t bits = std::bit_cast<uint32_t>(value);
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (bits >> 16) | 0x40u;
+  return static_cast<uint16_t>((bits & 0x7FFFFFFFu) > 0x7F800000u ? quiet_nan : rounded);
 }
 [[gnu::always_inline]] inline void StoreAs(float value, float* out) { *out = value; }
 [[gnu::always_inline]] inline void StoreAs(float value, uint16_t* out) { *out = ToBf16(value); }
@@ -282,10 +283,12 @@ const Isa kIsa = DetectIsa();
 const AttendTileFn kAttendTile = kIsa == Isa::kAvx512 ? AttendTileAvx512
                                  : kIsa == Isa::kAvx2 ? AttendTileAvx2
                                                       : AttendTileBaseline;
+// A function, not a variable template: instances of a variable template have no defined
+// initialisation order relative to kIsa.
 template <typename Out>
-const LayerNormRowFn<Out> kLayerNormRow = kIsa == Isa::kAvx512 ? LayerNormRowAvx512<Out>
-                                          : kIsa == Isa::kAvx2 ? LayerNormRowAvx2<Out>
-                                                               : LayerNormRowBaseline<Out>;
+LayerNormRowFn<Out> LayerNormRowFor(Isa isa) {
+  return isa == Isa::kAvx512 ? LayerNormRowAvx512<Out> : isa == Isa::kAvx2 ? LayerNormRowAvx2<Out> : LayerNormRowBaseline<Out>;
+}
 
 // The group of row r: groups are few (a batch's samples), so a scan is cheap.
 int64_t GroupOf(const RowGroups& groups, int64_t r) {
@@ -297,10 +300,11 @@ int64_t GroupOf(const RowGroups& groups, int64_t r) {
 template <typename Out>
 void LayerNormModulateRows(const float* x, const RowGroups& groups, int64_t dim, const float* shift,
                            const float* scale, Out* out) {
+  const LayerNormRowFn<Out> row_fn = LayerNormRowFor<Out>(kIsa);
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < groups.rows; ++r) {
     const int64_t g = GroupOf(groups, r) * groups.stride;
-    kLayerNormRow<Out>(x + r * dim, dim, shift + g, scale + g, out + r * dim);
+    row_fn(x + r * dim, dim, shift + g, scale + g, out + r * dim);
   }
 }
 
@@ -399,59 +403,73 @@ void AddCroppedPositions(const float* table, int64_t table_size, int64_t grid_h,
   }
 }
 
+namespace {
+
+// Scratch for packed heads totalling `packed_floats` plus each thread's scores.
+int64_t ScratchFloats(int64_t packed_floats, int64_t max_length, int threads) {
+  return packed_floats + threads * kRowGroup * RoundUp(max_length, kKeyBlock);
+}
+
+// Sequence s, head h's packed keys and values in `scratch`: every sequence's heads, one after
+// another. Found by a scan rather than kept in a table, so that Attention allocates nothing.
+PackedHead PackedHeadAt(absl::Span<const AttentionSequence> sequences, size_t s, int64_t h, int64_t heads,
+                        int64_t head_dim, float* scratch) {
+  float* at = scratch;
+  for (size_t i = 0; i < s; ++i) at += heads * PackedHeadFloats(sequences[i].length(), head_dim);
+  const int64_t length = sequences[s].length(), padded_length = RoundUp(length, kKeyBlock);
+  at += h * PackedHeadFloats(length, head_dim);
+  return {at, at + head_dim * padded_length, length, padded_length, head_dim, RoundUp(head_dim, kVector)};
+}
+
+}  // namespace
+
 int64_t AttentionScratchFloats(absl::Span<const int64_t> lengths, int64_t heads, int64_t head_dim, int threads) {
   int64_t packed = 0, max_length = 0;
   for (int64_t length : lengths) {
     packed += heads * PackedHeadFloats(length, head_dim);
     max_length = std::max(max_length, length);
   }
-  return packed + threads * kRowGroup * RoundUp(max_length, kKeyBlock);
+  return ScratchFloats(packed, max_length, threads);
 }
 
 void Attention(absl::Span<const AttentionSequence> sequences, int64_t heads, int64_t head_dim,
                const AttentionStrides& strides, absl::Span<float> scratch) {
   // Scratch: every (sequence, head)'s packed keys and values, then each thread's scores.
-  absl::InlinedVector<int64_t, 16> lengths;
-  for (const AttentionSequence& seq : sequences) lengths.push_back(seq.length());
-  assert(static_cast<int64_t>(scratch.size()) >=
-         AttentionScratchFloats(lengths, heads, head_dim, omp_get_max_threads()));
-  absl::InlinedVector<PackedHead, 64> packed;
-  float* next = scratch.data();
-  int64_t max_padded_length = 0;
-  for (int64_t length : lengths) {
-    for (int64_t h = 0; h < heads; ++h) {
-      PackedHead kv{next, next + head_dim * RoundUp(length, kKeyBlock), length, RoundUp(length, kKeyBlock), head_dim,
-                    RoundUp(head_dim, kVector)};
-      packed.push_back(kv);
-      next += PackedHeadFloats(length, head_dim);
-    }
-    max_padded_length = std::max(max_padded_length, RoundUp(length, kKeyBlock));
+  int64_t packed_floats = 0, max_length = 0;
+  for (const AttentionSequence& seq : sequences) {
+    packed_floats += heads * PackedHeadFloats(seq.length(), head_dim);
+    max_length = std::max(max_length, seq.length());
   }
-  float* const thread_scores = next;
+  assert(static_cast<int64_t>(scratch.size()) >= ScratchFloats(packed_floats, max_length, omp_get_max_threads()));
+  float* const thread_scores = scratch.data() + packed_floats;
+  const int64_t scores_floats = kRowGroup * RoundUp(max_length, kKeyBlock);
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
 
   // Tasks: (sequence, head, query tile), numbered sequence by sequence, so that a batch of
   // short sequences still spreads over all threads. Mapped back by a scan: batches are small.
   auto tiles = [](int64_t length) { return (length + kQueryTile - 1) / kQueryTile; };
   int64_t total_tasks = 0;
-  for (int64_t length : lengths) total_tasks += heads * tiles(length);
-  const int64_t total_heads = static_cast<int64_t>(packed.size());
+  for (const AttentionSequence& seq : sequences) total_tasks += heads * tiles(seq.length());
+  const int64_t total_heads = static_cast<int64_t>(sequences.size()) * heads;
 #pragma omp parallel
   {
 #pragma omp for schedule(static)
     for (int64_t sh = 0; sh < total_heads; ++sh) {
-      PackHead(sequences[sh / heads], (sh % heads) * head_dim, strides.input, scale, packed[sh]);
+      PackedHead kv = PackedHeadAt(sequences, sh / heads, sh % heads, heads, head_dim, scratch.data());
+      PackHead(sequences[sh / heads], (sh % heads) * head_dim, strides.input, scale, kv);
     }
-    float* scores = thread_scores + omp_get_thread_num() * kRowGroup * max_padded_length;
+    float* scores = thread_scores + omp_get_thread_num() * scores_floats;
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < total_tasks; ++task) {
       int64_t local = task;
       size_t s = 0;
-      while (local >= heads * tiles(lengths[s])) local -= heads * tiles(lengths[s++]);
-      const int64_t head = local / tiles(lengths[s]);
-      const int64_t q_begin = (local % tiles(lengths[s])) * kQueryTile;
-      const int64_t q_end = std::min(q_begin + kQueryTile, lengths[s]);
-      kAttendTile(sequences[s], packed[s * heads + head], head * head_dim, strides, q_begin, q_end, scores);
+      while (local >= heads * tiles(sequences[s].length())) local -= heads * tiles(sequences[s++].length());
+      const int64_t length = sequences[s].length();
+      const int64_t head = local / tiles(length);
+      const int64_t q_begin = (local % tiles(length)) * kQueryTile;
+      const int64_t q_end = std::min(q_begin + kQueryTile, length);
+      const PackedHead kv = PackedHeadAt(sequences, s, head, heads, head_dim, scratch.data());
+      kAttendTile(sequences[s], kv, head * head_dim, strides, q_begin, q_end, scores);
     }
   }
 }

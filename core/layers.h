@@ -23,8 +23,9 @@ struct RowGroups {
 };
 
 // out[r] = LN(x[r]) * (1 + scale_g) + shift_g for rows of width `dim` (g: r's group); LN has
-// no affine weights (eps 1e-6, biased variance). `out` may alias `x`. The uint16_t form
-// writes bf16 (round to nearest even): the input of a bf16 matrix product.
+// no affine weights (eps 1e-6, biased variance). The float form's `out` may alias `x`. The
+// uint16_t form writes bf16 (round to nearest even) into a separate buffer: the input of a
+// bf16 matrix product.
 void LayerNormModulate(const float* x, const RowGroups& groups, int64_t dim, const float* shift, const float* scale,
                        float* out);
 void LayerNormModulate(const float* x, const RowGroups& groups, int64_t dim, const float* shift, const float* scale,
