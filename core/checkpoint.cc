@@ -37,7 +37,7 @@ absl::StatusOr<TensorMap> ReadShards(const fs::path& index_path) {
   TensorMap all;
   for (const auto& [shard, names] : names_by_shard) {
     const fs::path shard_path = index_path.parent_path() / shard;
-    ASSIGN_OR_RETURN(TensorMap tensors, ReadSafetensors(shard_path.string()));
+    ASSIGN_OR_RETURN(TensorMap tensors, OpenSafetensors(shard_path.string()));
     for (const std::string& name : names) {
       if (!tensors.contains(name)) {
         return absl::InvalidArgumentError(
@@ -55,26 +55,21 @@ absl::StatusOr<TensorMap> ReadShards(const fs::path& index_path) {
   return all;
 }
 
-// Splits rows [0, n/parts), [n/parts, 2n/parts), ... of a [n, ...] or [n] tensor.
+// Splits rows [0, n/parts), [n/parts, 2n/parts), ... of a [n, ...] or [n] tensor (unread
+// parts of an unread tensor).
 std::vector<Tensor> SplitRows(const Tensor& t, int parts) {
   std::vector<Tensor> out;
   Shape part_shape = t.shape;
   part_shape[0] /= parts;
   const int64_t part_size = NumElements(part_shape);
-  for (int i = 0; i < parts; ++i) {
-    out.emplace_back(part_shape,
-                     std::vector<float>(t.data.begin() + i * part_size, t.data.begin() + (i + 1) * part_size));
-  }
+  for (int i = 0; i < parts; ++i) out.push_back(ElementRange(t, part_shape, i * part_size));
   return out;
 }
 
 // [shift, scale] rows -> [scale, shift] rows.
 Tensor SwapHalves(const Tensor& t) {
   std::vector<Tensor> halves = SplitRows(t, 2);
-  Tensor out = std::move(halves[1]);
-  out.shape[0] *= 2;
-  out.data.insert(out.data.end(), halves[0].data.begin(), halves[0].data.end());
-  return out;
+  return Concatenate(std::move(halves[1]), std::move(halves[0]), t.shape);
 }
 
 // The Stability names of one joint block's stream, relative to `joint_blocks.i.{x,context}_block.`,
@@ -182,7 +177,7 @@ bool IsStabilityLayout(const TensorMap& tensors) {
 absl::StatusOr<TensorMap> ReadCheckpoint(const std::string& model_dir) {
   const fs::path dir(model_dir);
   for (const char* single : {"model.safetensors", "diffusion_pytorch_model.safetensors"}) {
-    if (fs::exists(dir / single)) return ReadSafetensors((dir / single).string());
+    if (fs::exists(dir / single)) return OpenSafetensors((dir / single).string());
   }
   const fs::path index = dir / "diffusion_pytorch_model.safetensors.index.json";
   if (fs::exists(index)) return ReadShards(index);

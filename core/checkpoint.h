@@ -11,7 +11,8 @@ namespace mmdit {
 
 // Reads the weights of `model_dir`: `model.safetensors`, else diffusers'
 // `diffusion_pytorch_model.safetensors`, else the shards listed in
-// `diffusion_pytorch_model.safetensors.index.json`. Names are returned as stored.
+// `diffusion_pytorch_model.safetensors.index.json`. Names are returned as stored, tensors
+// unread (see OpenSafetensors).
 // Errors: NotFound (none of these files), InvalidArgument (a malformed file or index, a
 // tensor missing from its shard or present in two).
 absl::StatusOr<TensorMap> ReadCheckpoint(const std::string& model_dir);

@@ -1,5 +1,6 @@
 #include "core/engine.h"
 
+#include <malloc.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -176,6 +177,12 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_di
 
 namespace {
 
+// An optional weight (a norm's gammas, the position table), its values read.
+std::optional<Tensor> Loaded(std::optional<Tensor> tensor) {
+  if (tensor) tensor->Load();
+  return tensor;
+}
+
 // `w.modulation` has already gone into the model's stacked modulation, at `modulation_offset`.
 absl::StatusOr<StreamBlock> PrepareStream(DnnlContext& dnnl, StreamBlockWeights w, int64_t modulation_offset) {
   auto linear = [&](LinearWeights& lw, Epilogue e = Epilogue::kNone) { return Linear::Create(dnnl, std::move(lw), e); };
@@ -183,8 +190,8 @@ absl::StatusOr<StreamBlock> PrepareStream(DnnlContext& dnnl, StreamBlockWeights 
   ASSIGN_OR_RETURN(Linear qkv, Linear::Create(dnnl, std::move(qkv_weights), Epilogue::kNone, RowsDType::kCompute));
   StreamBlock s{modulation_offset,
                 std::move(qkv),
-                std::move(w.q_norm),
-                std::move(w.k_norm),
+                Loaded(std::move(w.q_norm)),
+                Loaded(std::move(w.k_norm)),
                 {},
                 {}};
   if (w.out) {
@@ -198,7 +205,7 @@ absl::StatusOr<SelfAttentionBlock> PrepareSelfAttention(DnnlContext& dnnl, SelfA
   LinearWeights qkv_weights = StackOutputs({std::move(w.q), std::move(w.k), std::move(w.v)});
   ASSIGN_OR_RETURN(Linear qkv, Linear::Create(dnnl, std::move(qkv_weights), Epilogue::kNone, RowsDType::kCompute));
   ASSIGN_OR_RETURN(Linear out, Linear::Create(dnnl, std::move(w.out), Epilogue::kNone));
-  return SelfAttentionBlock{std::move(qkv), std::move(out), std::move(w.q_norm), std::move(w.k_norm)};
+  return SelfAttentionBlock{std::move(qkv), std::move(out), Loaded(std::move(w.q_norm)), Loaded(std::move(w.k_norm))};
 }
 
 }  // namespace
@@ -242,6 +249,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelConfig& config
   }
   const int64_t final_modulation_offset = modulation_width;
   modulation_parts.push_back(std::move(w.norm_out));
+  // Packed first, its parts read from the checkpoint one at a time: the largest allocation of
+  // the load then comes before the heap holds anything else.
+  ASSIGN_OR_RETURN(Linear modulation, Linear::CreateStacked(*dnnl, std::move(modulation_parts)));
   std::vector<JointBlock> blocks;
   for (size_t i = 0; i < w.blocks.size(); ++i) {
     JointBlockWeights& bw = w.blocks[i];
@@ -255,7 +265,6 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelConfig& config
     }
     blocks.push_back(std::move(block));
   }
-  ASSIGN_OR_RETURN(Linear modulation, Linear::CreateStacked(*dnnl, std::move(modulation_parts)));
   auto model = std::make_unique<EngineModel>(EngineModel{nullptr,
                                                          std::move(patch_embed),
                                                          std::move(timestep_1),
@@ -266,9 +275,13 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelConfig& config
                                                          std::move(proj_out),
                                                          std::move(modulation),
                                                          final_modulation_offset,
-                                                         std::move(w.pos_table),
+                                                         Loaded(std::move(w.pos_table)),
                                                          std::move(blocks)});
   model->dnnl = std::move(dnnl);  // the Linears point at it; it lives as long as they do
+  // Preparing freed each weight's float32 values once it was packed. glibc keeps freed blocks
+  // in its heap up to a trim threshold that grows with the largest block freed (up to 64 MB),
+  // so without this the server would hold that much for nothing.
+  malloc_trim(0);
   return std::unique_ptr<Engine>(new Engine(config, options, std::move(model)));
 }
 

@@ -78,6 +78,7 @@ absl::StatusOr<Linear> Linear::Create(DnnlContext& context, LinearWeights weight
   linear.input_ = input;
   linear.output_ = output;
   const int64_t in = linear.in_features_, out = linear.out_features_;
+  weights.Load();
   try {
     // The checkpoint's [out, in] row-major matrix is W^T [in, out] in `ba` order.
     const dnnl::memory::desc stored_md({in, out}, dt::f32, tag::ba);
@@ -127,6 +128,7 @@ absl::StatusOr<Linear> Linear::CreateStacked(DnnlContext& context, std::vector<L
     float* bias = static_cast<float*>(linear.bias_.get_data_handle());
     for (size_t i = 0; i < parts.size(); ++i) {
       const int64_t columns = parts[i].weight.shape[0];
+      parts[i].Load();
       dnnl::memory destination(part_columns[i], context.engine, linear.packed_weights_.get_data_handle());
       dnnl::memory stored({{in, columns}, dt::f32, tag::ba}, context.engine, parts[i].weight.data.data());
       dnnl::reorder(stored, destination).execute(context.stream, stored, destination);

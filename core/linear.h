@@ -47,13 +47,13 @@ struct DnnlContext {
 // Thread-compatible: Forward caches one primitive per row count, so callers serialise.
 class Linear {
  public:
-  // Takes `weights` ([out, in], [out]) and reorders the matrix once into the layout oneDNN's
-  // matmul prefers. Errors: Internal if oneDNN refuses.
+  // Takes `weights` ([out, in], [out]; read now if unread) and reorders the matrix once into
+  // the layout oneDNN's matmul prefers. Errors: Internal if oneDNN refuses.
   static absl::StatusOr<Linear> Create(DnnlContext& context, LinearWeights weights, Epilogue epilogue,
                                        RowsDType input = RowsDType::kF32, RowsDType output = RowsDType::kF32);
 
   // One Linear computing all of `parts` (same input width), outputs in order, float32 rows.
-  // Each part is packed straight into its columns of the packed matrix and freed, so that
+  // Each part is read, packed straight into its columns of the packed matrix and freed, so that
   // preparing a large stack (the modulation: 340 MB for seed-default) never holds it twice.
   static absl::StatusOr<Linear> CreateStacked(DnnlContext& context, std::vector<LinearWeights> parts);
 

@@ -133,10 +133,10 @@ absl::StatusOr<Entry> ParseEntry(const std::string& name, const json& value, uin
   return entry;
 }
 
-// ParseSafetensors, calling `converted(p, n)` for each tensor's stored bytes once they are
-// no longer needed.
-absl::StatusOr<TensorMap> Parse(std::string_view bytes, const std::string& what,
-                                const std::function<void(const char*, size_t)>& converted) {
+// Validates the header of the safetensors image `bytes`; returns its tensors' entries and
+// where their data area starts.
+absl::StatusOr<std::pair<std::vector<Entry>, const char*>> ParseHeader(std::string_view bytes,
+                                                                       const std::string& what) {
   if (bytes.size() < 8) {
     return absl::InvalidArgumentError(
         absl::StrCat(what, ": file is ", bytes.size(), " bytes, too short for a safetensors header"));
@@ -169,27 +169,70 @@ absl::StatusOr<TensorMap> Parse(std::string_view bytes, const std::string& what,
                                                      by_offset[i]->name, "' overlap in the data area"));
     }
   }
-
-  TensorMap tensors;
-  for (const Entry& e : entries) {
-    Tensor tensor(e.shape);
-    ConvertToFloat(e.dtype, data.data() + e.begin, tensor.NumElements(), tensor.data.data());
-    tensors.emplace(e.name, std::move(tensor));
-    converted(data.data() + e.begin, e.end - e.begin);
-  }
-  return tensors;
+  return std::make_pair(std::move(entries), data.data());
 }
+
+// One tensor's stored elements in a mapped file, which stays mapped while any are unread.
+class StoredTensor final : public ElementSource {
+ public:
+  StoredTensor(std::shared_ptr<const MappedFile> file, const char* bytes, DType dtype)
+      : file_(std::move(file)), bytes_(bytes), dtype_(dtype) {}
+  void Read(int64_t first, int64_t count, float* out) const override {
+    // In chunks, so that a large tensor's file pages are not all resident beside its values.
+    constexpr int64_t kChunk = int64_t{1} << 20;
+    const size_t element_size = DTypeSize(dtype_);
+    for (int64_t done = 0; done < count; done += kChunk) {
+      const int64_t n = std::min(kChunk, count - done);
+      const char* begin = bytes_ + (first + done) * element_size;
+      ConvertToFloat(dtype_, begin, n, out + done);
+      file_->Release(begin, n * element_size);
+    }
+  }
+
+ private:
+  std::shared_ptr<const MappedFile> file_;
+  const char* bytes_;
+  DType dtype_;
+};
 
 }  // namespace
 
 absl::StatusOr<TensorMap> ParseSafetensors(std::string_view bytes, const std::string& what) {
-  return Parse(bytes, what, [](const char*, size_t) {});
+  auto header = ParseHeader(bytes, what);
+  if (!header.ok()) return header.status();
+  const auto& [entries, data] = *header;
+  TensorMap tensors;
+  for (const Entry& e : entries) {
+    Tensor tensor(e.shape);
+    ConvertToFloat(e.dtype, data + e.begin, tensor.NumElements(), tensor.data.data());
+    tensors.emplace(e.name, std::move(tensor));
+  }
+  return tensors;
+}
+
+absl::StatusOr<TensorMap> OpenSafetensors(const std::string& path) {
+  auto opened = MappedFile::Open(path);
+  if (!opened.ok()) return opened.status();
+  auto file = std::make_shared<const MappedFile>(*std::move(opened));
+  auto header = ParseHeader(file->bytes(), path);
+  if (!header.ok()) return header.status();
+  const auto& [entries, data] = *header;
+  TensorMap tensors;
+  for (const Entry& e : entries) {
+    auto source = std::make_shared<const StoredTensor>(file, data + e.begin, e.dtype);
+    const int64_t count = NumElements(e.shape);
+    std::vector<Tensor::UnreadRange> ranges;
+    if (count > 0) ranges.push_back({std::move(source), 0, count});
+    tensors.emplace(e.name, Tensor::Unread(e.shape, std::move(ranges)));
+  }
+  return tensors;
 }
 
 absl::StatusOr<TensorMap> ReadSafetensors(const std::string& path) {
-  auto file = MappedFile::Open(path);
-  if (!file.ok()) return file.status();
-  return Parse(file->bytes(), path, [&file](const char* p, size_t n) { file->Release(p, n); });
+  auto tensors = OpenSafetensors(path);
+  if (!tensors.ok()) return tensors.status();
+  for (auto& [name, tensor] : *tensors) tensor.Load();
+  return tensors;
 }
 
 absl::Status WriteSafetensors(const std::string& path, const std::vector<std::pair<std::string, Shape>>& layout,

@@ -18,10 +18,14 @@ namespace mmdit {
 // Tensors by checkpoint name, ordered so that error lists are stable.
 using TensorMap = std::map<std::string, Tensor>;
 
-// Memory-maps `path`, validates the whole header before trusting any of it (length within
+// Memory-maps `path` and validates the whole header before trusting any of it (length within
 // the file, well-formed JSON, known dtype, offsets inside the data area and consistent with
-// shape x dtype, no two tensors overlapping), and converts every tensor to float32.
+// shape x dtype, no two tensors overlapping). The tensors are returned unread (Tensor::Load
+// converts each to float32 and drops its file pages); the file stays mapped while any is.
 // Errors: NotFound (no file), InvalidArgument (any violation, naming file and tensor).
+absl::StatusOr<TensorMap> OpenSafetensors(const std::string& path);
+
+// OpenSafetensors, with every tensor loaded.
 absl::StatusOr<TensorMap> ReadSafetensors(const std::string& path);
 
 // The same on bytes already in memory; `what` names them in error messages.

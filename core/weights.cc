@@ -201,6 +201,7 @@ LinearWeights StackOutputs(std::vector<LinearWeights> parts) {
   bias.reserve(out);
   for (LinearWeights& part : parts) {
     assert(part.weight.shape[1] == in && "stacked Linears share their input");
+    part.Load();
     weight.insert(weight.end(), part.weight.data.begin(), part.weight.data.end());
     bias.insert(bias.end(), part.bias.data.begin(), part.bias.data.end());
     part = LinearWeights();

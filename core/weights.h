@@ -16,6 +16,10 @@ namespace mmdit {
 struct LinearWeights {
   Tensor weight;  // [out, in]
   Tensor bias;    // [out]
+  void Load() {
+    weight.Load();
+    bias.Load();
+  }
 };
 
 // One stream's half of a joint block: the image stream (norm1, to_q/k/v, norm_q/k,
@@ -54,7 +58,8 @@ struct ModelWeights {
 };
 
 // One Linear computing all of `parts` (same input width) at once: weights stacked along the
-// output, in order. Consumes the parts, freeing each as it is copied.
+// output, in order. Consumes the parts, loading each just before it is copied and freeing it
+// after.
 LinearWeights StackOutputs(std::vector<LinearWeights> parts);
 
 // Takes the tensors `config` needs out of `tensors` (diffusers names).

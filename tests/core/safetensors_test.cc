@@ -85,6 +85,28 @@ TEST(Safetensors, StoresEachDtypeAndReadsItBackAsFloat32) {
   }
 }
 
+TEST(Safetensors, OpenLeavesTensorsUnreadUntilLoadedAndKeepsTheFileMapped) {
+  const std::string dir = testing::MakeTempDir("st");
+  const std::string path = dir + "/m.safetensors";
+  const Tensor w = testing::RandomTensor({8, 4}, 1), empty({0, 4});
+  ASSERT_TRUE(WriteSafetensors(path, {{"w", w}, {"empty", empty}}, DType::kBF16).ok());
+  auto opened = OpenSafetensors(path);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  Tensor& unread = opened->at("w");
+  EXPECT_EQ(unread.shape, w.shape);
+  EXPECT_TRUE(unread.data.empty());
+  EXPECT_FALSE(unread.unread.empty());
+  std::filesystem::remove(path);  // the mapping, not the name, keeps the bytes
+  Tensor second_half = ElementRange(unread, {4, 4}, 16);
+  unread.Load();
+  second_half.Load();
+  ASSERT_EQ(unread.data.size(), 32u);
+  for (int i = 0; i < 32; ++i) EXPECT_EQ(unread.data[i], BFloat16ToFloat(FloatToBFloat16(w.data[i]))) << i;
+  EXPECT_EQ(second_half.data, std::vector<float>(unread.data.begin() + 16, unread.data.end()));
+  opened->at("empty").Load();
+  EXPECT_EQ(opened->at("empty").shape, empty.shape);
+}
+
 TEST(Safetensors, HalfConversionCoversSubnormalsAndSpecials) {
   EXPECT_EQ(HalfToFloat(0x0001), std::ldexp(1.0f, -24));
   EXPECT_EQ(FloatToHalf(std::ldexp(1.0f, -24)), 0x0001);
