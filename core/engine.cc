@@ -349,7 +349,8 @@ absl::Status Engine::ValidateSample(const SampleInput& s) const {
     return absl::InvalidArgumentError(
         absl::StrCat("txt_embed: expected [T >= 1, ", c.joint_attention_dim, "] per sample, got ", ShapeString(txt)));
   }
-  if (s.pooled_text.shape != Shape{c.pooled_projection_dim}) {
+  const Shape& pooled = s.pooled_text.shape;
+  if (pooled.size() != 1 || pooled[0] != c.pooled_projection_dim) {
     return absl::InvalidArgumentError(absl::StrCat("pooled_text: expected [", c.pooled_projection_dim,
                                                    "] per sample, got ", ShapeString(s.pooled_text.shape)));
   }

@@ -7,9 +7,18 @@
 #include <cassert>
 #include <cmath>
 
+#include "core/simd.h"
 
 namespace mmdit {
 namespace {
+
+using simd::Broadcast;
+using simd::ExpNonPositive;
+using simd::Isa;
+using simd::kVector;
+using simd::Load;
+using simd::Store;
+using simd::Vec;
 
 // Attention (see Attention below) works in tasks of up to kQueryTile query rows of one
 // sequence and head: enough rows that a task reuses the head's packed keys and values from
@@ -18,42 +27,7 @@ namespace {
 constexpr int64_t kQueryTile = 32;
 // Query rows and key columns one micro-kernel step holds in registers.
 constexpr int kRowGroup = 4;
-constexpr int64_t kVector = 16;    // floats per Vec
 constexpr int64_t kKeyBlock = 32;  // key columns per score step: two Vecs
-
-// Sixteen floats. GCC lowers it to one zmm register under AVX-512, two ymm under AVX2 and four
-// xmm on baseline x86-64, so one kernel body serves every instruction set. Loads and stores go
-// through VecUnaligned: scratch and activation rows are only float-aligned.
-// Vec never crosses a call between functions of different targets (every helper is
-// always_inline into one dispatch variant), so GCC's ABI note does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-typedef float Vec __attribute__((vector_size(64)));
-typedef float VecUnaligned __attribute__((vector_size(64), aligned(4)));
-typedef int32_t IntVec __attribute__((vector_size(64)));
-
-[[gnu::always_inline]] inline Vec Load(const float* p) { return *reinterpret_cast<const VecUnaligned*>(p); }
-[[gnu::always_inline]] inline void Store(float* p, Vec v) { *reinterpret_cast<VecUnaligned*>(p) = v; }
-[[gnu::always_inline]] inline Vec Broadcast(float x) { return Vec{} + x; }
-
-// e^x for x <= 0 (softmax arguments after the row maximum is subtracted), below 2 ulp:
-// x = n ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial, times 2^n built in
-// the exponent bits. Arguments under -87 flush to e^-87 (~1e-38): a zero softmax weight at
-// float32 precision.
-[[gnu::always_inline]] inline Vec ExpNonPositive(Vec x) {
-  x = x < -87.0f ? Broadcast(-87.0f) : x;
-  const Vec t = x * 1.44269504088896341f + 0.5f;
-  IntVec n = __builtin_convertvector(t, IntVec);                   // truncates toward zero
-  n += reinterpret_cast<IntVec>(t < __builtin_convertvector(n, Vec));  // -1 where that rounded up: floor
-  const Vec nf = __builtin_convertvector(n, Vec);
-  const Vec r = x - nf * 0.693145751953125f - nf * 1.428606765330187e-06f;
-  Vec p = r * (1.0f / 720) + (1.0f / 120);
-  p = p * r + (1.0f / 24);
-  p = p * r + (1.0f / 6);
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  return p * reinterpret_cast<Vec>((n + 127) << 23);
-}
 
 // Where the j-th row of a sequence lives.
 struct RowRef {
@@ -233,19 +207,17 @@ template <typename Out>
 }
 
 // Run-time dispatch for the two hot loops of our own: AVX-512, AVX2+FMA, or baseline x86-64,
-// picked once from the CPU (the binaries are built for any x86-64; no -march=native). Plain
-// function pointers rather than GCC's target_clones: an ifunc resolver runs before the
-// sanitizers' runtimes are up and crashes TSan builds.
+// picked once from the CPU (simd.h).
 using AttendTileFn = void (*)(const AttentionSequence&, const PackedHead&, int64_t, const AttentionStrides&, int64_t,
                               int64_t, float*);
 template <typename Out>
 using LayerNormRowFn = void (*)(const float*, int64_t, const float*, const float*, Out*);
 
-[[gnu::target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]] void AttendTileAvx512(const AttentionSequence& seq, const PackedHead& kv, int64_t head_offset,
+[[MMDIT_TARGET_AVX512]] void AttendTileAvx512(const AttentionSequence& seq, const PackedHead& kv, int64_t head_offset,
     const AttentionStrides& strides, int64_t q_begin, int64_t q_end, float* scores) {
   AttendTileBody(seq, kv, head_offset, strides, q_begin, q_end, scores);
 }
-[[gnu::target("avx2,fma")]] void AttendTileAvx2(const AttentionSequence& seq, const PackedHead& kv, int64_t head_offset,
+[[MMDIT_TARGET_AVX2]] void AttendTileAvx2(const AttentionSequence& seq, const PackedHead& kv, int64_t head_offset,
     const AttentionStrides& strides, int64_t q_begin, int64_t q_end, float* scores) {
   AttendTileBody(seq, kv, head_offset, strides, q_begin, q_end, scores);
 }
@@ -254,13 +226,13 @@ void AttendTileBaseline(const AttentionSequence& seq, const PackedHead& kv, int6
   AttendTileBody(seq, kv, head_offset, strides, q_begin, q_end, scores);
 }
 template <typename Out>
-[[gnu::target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]] void LayerNormRowAvx512(const float* x, int64_t dim,
+[[MMDIT_TARGET_AVX512]] void LayerNormRowAvx512(const float* x, int64_t dim,
                                                                                        const float* shift,
                                                                                        const float* scale, Out* y) {
   LayerNormModulateRow(x, dim, shift, scale, y);
 }
 template <typename Out>
-[[gnu::target("avx2,fma")]] void LayerNormRowAvx2(const float* x, int64_t dim, const float* shift, const float* scale,
+[[MMDIT_TARGET_AVX2]] void LayerNormRowAvx2(const float* x, int64_t dim, const float* shift, const float* scale,
                                                   Out* y) {
   LayerNormModulateRow(x, dim, shift, scale, y);
 }
@@ -269,17 +241,7 @@ void LayerNormRowBaseline(const float* x, int64_t dim, const float* shift, const
   LayerNormModulateRow(x, dim, shift, scale, y);
 }
 
-enum class Isa { kAvx512, kAvx2, kBaseline };
-Isa DetectIsa() {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq")) {
-    return Isa::kAvx512;
-  }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-  return Isa::kBaseline;
-}
-const Isa kIsa = DetectIsa();
+const Isa kIsa = simd::CpuIsa();
 const AttendTileFn kAttendTile = kIsa == Isa::kAvx512 ? AttendTileAvx512
                                  : kIsa == Isa::kAvx2 ? AttendTileAvx2
                                                       : AttendTileBaseline;

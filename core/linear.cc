@@ -1,6 +1,7 @@
 #include "core/linear.h"
 
 #include "absl/strings/str_cat.h"
+#include "core/panel_gemm.h"
 
 namespace mmdit {
 namespace {
@@ -37,6 +38,18 @@ dnnl::matmul::primitive_desc MakeDesc(const dnnl::engine& engine, int64_t rows, 
     attr.set_post_ops(ops);
   }
   return dnnl::matmul::primitive_desc(dnnl::matmul::desc(src_md, weights_md, bias_md, dst_md), attr, engine);
+}
+
+bool UsesPanelGemm(const DnnlContext& context) {
+  return context.compute == ComputeDType::kF32 && context.use_panel_gemm && PanelGemmAvailable();
+}
+
+// The packed weights' layout: oneDNN's choice, or where PanelGemm runs too, the 48-column
+// panels it reads (which oneDNN's brgemm matmul also takes).
+dnnl::memory::desc PackedWeightsDesc(const DnnlContext& context, int64_t in, int64_t out) {
+  static_assert(kPanelColumns == 48 && kPanelDepthAlign == 16, "BA16a48b");
+  if (UsesPanelGemm(context)) return dnnl::memory::desc({in, out}, dt::f32, tag::BA16a48b);
+  return dnnl::memory::desc({in, out}, ComputeType(context.compute), tag::any);
 }
 
 // The reorder that converts a [rows, in] float32 input to bf16 (throws dnnl::error).
@@ -77,13 +90,14 @@ absl::StatusOr<Linear> Linear::Create(DnnlContext& context, LinearWeights weight
   linear.epilogue_ = epilogue;
   linear.input_ = input;
   linear.output_ = output;
+  linear.panel_gemm_ = UsesPanelGemm(context);
   const int64_t in = linear.in_features_, out = linear.out_features_;
   weights.Load();
   try {
     // The checkpoint's [out, in] row-major matrix is W^T [in, out] in `ba` order.
     const dnnl::memory::desc stored_md({in, out}, dt::f32, tag::ba);
-    const dnnl::memory::desc any_md({in, out}, ComputeType(context.compute), tag::any);
-    const auto desc = MakeDesc(context.engine, kLayoutRows, in, out, any_md, epilogue, context.compute, output);
+    const auto desc = MakeDesc(context.engine, kLayoutRows, in, out, PackedWeightsDesc(context, in, out), epilogue,
+                               context.compute, output);
     dnnl::memory stored(stored_md, context.engine, weights.weight.data.data());
     linear.packed_weights_ = dnnl::memory(desc.weights_desc(), context.engine);
     dnnl::reorder(stored, linear.packed_weights_).execute(context.stream, stored, linear.packed_weights_);
@@ -103,9 +117,8 @@ absl::StatusOr<Linear> Linear::CreateStacked(DnnlContext& context, std::vector<L
   std::vector<dnnl::memory::desc> part_columns;  // each part's columns of the packed matrix
   dnnl::memory::desc packed_md;
   try {
-    const dnnl::memory::desc any_md({in, out}, ComputeType(context.compute), tag::any);
-    packed_md = MakeDesc(context.engine, kLayoutRows, in, out, any_md, Epilogue::kNone, context.compute,
-                         RowsDType::kF32)
+    packed_md = MakeDesc(context.engine, kLayoutRows, in, out, PackedWeightsDesc(context, in, out), Epilogue::kNone,
+                         context.compute, RowsDType::kF32)
                     .weights_desc();
     int64_t first_column = 0;
     for (const LinearWeights& part : parts) {
@@ -122,6 +135,7 @@ absl::StatusOr<Linear> Linear::CreateStacked(DnnlContext& context, std::vector<L
   linear.context_ = &context;
   linear.out_features_ = out;
   linear.in_features_ = in;
+  linear.panel_gemm_ = UsesPanelGemm(context);
   try {
     linear.packed_weights_ = dnnl::memory(packed_md, context.engine);
     linear.bias_ = dnnl::memory({{1, out}, dt::f32, tag::ab}, context.engine);
@@ -178,6 +192,13 @@ absl::Status Linear::Forward(const float* x, int64_t rows, float* y) {
 absl::Status Linear::ForwardRows(const void* x, int64_t rows, void* y) {
   if (rows == 0) return absl::OkStatus();
   if (context_->trace) context_->trace->push_back({rows, in_features_, out_features_, epilogue_, input_, output_});
+  if (panel_gemm_ && rows <= kPanelGemmMaxRows) {  // float32 rows on both sides
+    PanelGemm(static_cast<const float*>(x), rows, in_features_, static_cast<const float*>(packed_weights_.get_data_handle()),
+              static_cast<const float*>(bias_.get_data_handle()), out_features_,
+              epilogue_ == Epilogue::kGeluTanh ? PanelEpilogue::kBiasGeluTanh : PanelEpilogue::kBias,
+              static_cast<float*>(y));
+    return absl::OkStatus();
+  }
   auto primitives = PrimitivesForRows(rows);
   if (!primitives.ok()) return primitives.status();
   try {

@@ -41,8 +41,16 @@ struct DnnlContext {
   // When set, every Linear::Forward appends its shape here (the roofline benchmark replays
   // a forward's products on their own).
   std::vector<MatmulCall>* trace = nullptr;
+  // kF32 on AVX-512: Linears created while this is set pack their weights in the layout both
+  // oneDNN's matmul and PanelGemm read, and run products of up to kPanelGemmMaxRows rows on
+  // PanelGemm (panel_gemm.h). Cleared: oneDNN only (the roofline benchmark's baseline).
+  bool use_panel_gemm = true;
   static absl::StatusOr<std::unique_ptr<DnnlContext>> Create(ComputeDType compute);
 };
+
+// The most rows a float32 product runs on PanelGemm; oneDNN's matmul runs larger ones, where
+// its weights are reused from cache across many rows (bench/gemm_bench.sh).
+inline constexpr int64_t kPanelGemmMaxRows = 1024;
 
 // Thread-compatible: Forward caches one primitive per row count, so callers serialise.
 class Linear {
@@ -84,6 +92,7 @@ class Linear {
   DnnlContext* context_ = nullptr;
   int64_t in_features_ = 0, out_features_ = 0;
   Epilogue epilogue_ = Epilogue::kNone;
+  bool panel_gemm_ = false;  // products of up to kPanelGemmMaxRows rows run on PanelGemm
   RowsDType input_ = RowsDType::kF32, output_ = RowsDType::kF32;
   dnnl::memory packed_weights_;  // [in, out] in oneDNN's chosen layout and the compute dtype
   dnnl::memory bias_;            // [1, out]

@@ -10,8 +10,10 @@
 
 namespace mmdit {
 
-absl::StatusOr<double> StandaloneMatmulMs(ComputeDType compute, absl::Span<const MatmulCall> calls, int iters) {
+absl::StatusOr<double> StandaloneMatmulMs(ComputeDType compute, absl::Span<const MatmulCall> calls, int iters,
+                                          bool panel_gemm) {
   ASSIGN_OR_RETURN(std::unique_ptr<DnnlContext> context, DnnlContext::Create(compute));
+  context->use_panel_gemm = panel_gemm;
   std::mt19937 rng(0);
   std::uniform_real_distribution<float> uniform(-0.05f, 0.05f);
   std::vector<Linear> linears;

@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/dtype.h"
@@ -59,6 +60,50 @@ INSTANTIATE_TEST_SUITE_P(EpiloguesAndDtypes, LinearTest,
                          ::testing::Combine(::testing::Values(Epilogue::kNone, Epilogue::kGeluTanh),
                                             ::testing::Values(ComputeDType::kF32, ComputeDType::kBF16)));
 
+struct PanelShape {
+  int64_t in, out;
+};
+
+class PanelGemmLinearTest : public ::testing::TestWithParam<std::tuple<PanelShape, Epilogue>> {};
+
+// Float32 products of up to kPanelGemmMaxRows rows run on our own kernel (on AVX-512), larger
+// ones on oneDNN: both against the naive product, across tile tails (rows not a multiple of
+// 8), a last panel narrower than 48 columns, an input width off the 16-row packing, and
+// pre-activations large enough to reach both of GELU's saturated ends.
+TEST_P(PanelGemmLinearTest, MatchesNaiveMatmulOnEitherSideOfTheRowLimit) {
+  const auto [shape, epilogue] = GetParam();
+  auto context = DnnlContext::Create(ComputeDType::kF32);
+  ASSERT_TRUE(context.ok()) << context.status();
+  const LinearWeights weights{RandomTensor({shape.out, shape.in}, 1, 0.5f), RandomTensor({shape.out}, 2, 4.0f)};
+  auto linear = Linear::Create(**context, weights, epilogue);
+  ASSERT_TRUE(linear.ok()) << linear.status();
+  for (int64_t rows : {int64_t{1}, int64_t{5}, int64_t{8}, int64_t{9}, int64_t{23}, kPanelGemmMaxRows,
+                       kPanelGemmMaxRows + 3}) {
+    const Tensor x = RandomTensor({rows, shape.in}, 3 + rows, 2.0f);
+    Tensor y({rows, shape.out});
+    ASSERT_TRUE(linear->Forward(x.data.data(), rows, y.data.data()).ok());
+    const Tensor expected = NaiveLinear(x, weights, epilogue == Epilogue::kGeluTanh, /*bf16=*/false);
+    // Float32 rounding: relative to the sum of the magnitudes of each output's terms.
+    double worst = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t o = 0; o < shape.out; ++o) {
+        double magnitude = std::abs(weights.bias.data[o]);
+        for (int64_t i = 0; i < shape.in; ++i) {
+          magnitude += std::abs(double(x.data[r * shape.in + i]) * weights.weight.data[o * shape.in + i]);
+        }
+        const double error = std::abs(y.data[r * shape.out + o] - expected.data[r * shape.out + o]);
+        worst = std::max(worst, error / (1.0 + magnitude));
+      }
+    }
+    EXPECT_LE(worst, 1e-6) << rows << " rows";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(ShapesAndEpilogues, PanelGemmLinearTest,
+                         ::testing::Combine(::testing::Values(PanelShape{48, 48}, PanelShape{50, 130},
+                                                              PanelShape{7, 1}, PanelShape{96, 144}),
+                                            ::testing::Values(Epilogue::kNone, Epilogue::kGeluTanh)));
+
 class StackedLinearTest : public ::testing::TestWithParam<std::tuple<int64_t, ComputeDType>> {};
 
 // CreateStacked equals one Linear over the parts' rows stacked, whether the parts start on
@@ -85,7 +130,7 @@ TEST_P(StackedLinearTest, EqualsTheLinearOfTheStackedWeights) {
 }
 
 INSTANTIATE_TEST_SUITE_P(PartSizesAndDtypes, StackedLinearTest,
-                         ::testing::Combine(::testing::Values(int64_t{64}, int64_t{7}),
+                         ::testing::Combine(::testing::Values(int64_t{48}, int64_t{64}, int64_t{7}),
                                             ::testing::Values(ComputeDType::kF32, ComputeDType::kBF16)));
 
 class FeedForwardTest : public ::testing::TestWithParam<ComputeDType> {};

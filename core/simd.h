@@ -1,0 +1,68 @@
+// What our own vector kernels (layers.cc, panel_gemm.cc) share: a 16-float vector type that
+// one kernel body compiles to for every instruction set, its helpers, and the CPU's
+// instruction set, for run-time dispatch. Internal to core/.
+#pragma once
+
+#include <cstdint>
+
+namespace mmdit::simd {
+
+constexpr int64_t kVector = 16;  // floats per Vec
+
+// Sixteen floats. GCC lowers it to one zmm register under AVX-512, two ymm under AVX2 and four
+// xmm on baseline x86-64, so one kernel body serves every instruction set. Loads and stores go
+// through VecUnaligned: scratch and activation rows are only float-aligned.
+// Vec never crosses a call between functions of different targets (every helper is
+// always_inline into one dispatch variant), so GCC's ABI note does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float Vec __attribute__((vector_size(64)));
+typedef float VecUnaligned __attribute__((vector_size(64), aligned(4)));
+typedef int32_t IntVec __attribute__((vector_size(64)));
+
+[[gnu::always_inline]] inline Vec Load(const float* p) { return *reinterpret_cast<const VecUnaligned*>(p); }
+[[gnu::always_inline]] inline void Store(float* p, Vec v) { *reinterpret_cast<VecUnaligned*>(p) = v; }
+[[gnu::always_inline]] inline Vec Broadcast(float x) { return Vec{} + x; }
+
+// e^x for x <= 0 (softmax arguments after the row maximum is subtracted), below 2 ulp:
+// x = n ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial, times 2^n built in
+// the exponent bits. Arguments under -87 flush to e^-87 (~1e-38): a zero softmax weight at
+// float32 precision.
+[[gnu::always_inline]] inline Vec ExpNonPositive(Vec x) {
+  x = x < -87.0f ? Broadcast(-87.0f) : x;
+  const Vec t = x * 1.44269504088896341f + 0.5f;
+  IntVec n = __builtin_convertvector(t, IntVec);                       // truncates toward zero
+  n += reinterpret_cast<IntVec>(t < __builtin_convertvector(n, Vec));  // -1 where that rounded up: floor
+  const Vec nf = __builtin_convertvector(n, Vec);
+  const Vec r = x - nf * 0.693145751953125f - nf * 1.428606765330187e-06f;
+  Vec p = r * (1.0f / 720) + (1.0f / 120);
+  p = p * r + (1.0f / 24);
+  p = p * r + (1.0f / 6);
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  return p * reinterpret_cast<Vec>((n + 127) << 23);
+}
+
+// The instruction set a kernel variant is built for; binaries are built for any x86-64 (no
+// -march=native) and pick a variant at run time. Plain function pointers rather than GCC's
+// target_clones: an ifunc resolver runs before the sanitizers' runtimes are up and crashes
+// TSan builds.
+enum class Isa { kAvx512, kAvx2, kBaseline };
+#define MMDIT_TARGET_AVX512 gnu::target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+#define MMDIT_TARGET_AVX2 gnu::target("avx2,fma")
+
+// This CPU's, detected once.
+inline Isa CpuIsa() {
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
+      return Isa::kAvx512;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+    return Isa::kBaseline;
+  }();
+  return isa;
+}
+
+}  // namespace mmdit::simd
