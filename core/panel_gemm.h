@@ -1,11 +1,11 @@
-// Our own float32 matrix product for products of few rows, on weights oneDNN has packed.
+// Our own float32 matrix product for products of up to ~1000 rows, on weights oneDNN packed.
 //
-// Why not oneDNN's matmul for these: at MMDiT's shapes its brgemm kernels run at 97 % of peak
-// when the weights are in cache, but a forward pass streams every weight matrix from DRAM,
-// and at 32-64 rows (a sample's text or image tokens) they then lose 10-17 % waiting on it.
-// This kernel prefetches each weight panel ahead of the multiply-adds (bench/gemm_bench.sh
-// measures both). oneDNN still packs the weights, in a layout both kernels read, and runs
-// every larger or bf16 product.
+// Why not oneDNN's matmul for these: its brgemm kernels run near peak when the weights are in
+// cache, but a forward pass streams every weight matrix from DRAM, and with few rows per
+// weight (a sample's 32-1024 text or image tokens) oneDNN 2.6 then loses 10-35 % waiting on
+// memory. This kernel prefetches the next weight panel while it multiplies the current one
+// (build/bin/gemm_bench compares the two: bench/gemm_bench.cc). oneDNN still packs the
+// weights, in a layout both kernels read, and runs every larger or bf16 product.
 #pragma once
 
 #include <cstdint>

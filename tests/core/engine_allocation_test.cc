@@ -14,6 +14,7 @@
 
 #include "core/engine.h"
 #include "core/linear.h"
+#include "core/panel_gemm.h"
 #include "core/random_model.h"
 #include "tests/core/test_util.h"
 
@@ -147,6 +148,12 @@ TEST(EngineAllocations, AWarmedForwardAllocatesOnlyItsOutputsAndOneDnnBookkeepin
   // allocation of ours per product, or per sample, would break the bound.
   EXPECT_LE(first.allocations, 1 + 2 * samples + products_per_forward * per_product);
   EXPECT_EQ(second.allocations, first.allocations);
+  if (PanelGemmAvailable()) {
+    // Every product here has at most kPanelGemmMaxRows rows and runs on PanelGemm, outside
+    // oneDNN: the forward allocates its outputs and nothing else.
+    EXPECT_EQ(per_product, 0);
+    EXPECT_EQ(first.allocations, 1 + 2 * samples);
+  }
   std::printf("a warmed forward of %lld samples: %lld allocations (%lld products x %lld inside oneDNN, %lld for the "
               "outputs), %lld of them >= %zu bytes, largest %lld bytes\n",
               static_cast<long long>(samples), static_cast<long long>(first.allocations),
