@@ -1,7 +1,8 @@
 // PanelGemm against oneDNN's matmul on the float32 products of one joint block, each product
 // on weights no other product touches (as in a forward pass, they stream from DRAM), the two
 // kernels alternating run by run in one process. Not part of CI.
-//   build/bin/gemm_bench [--hidden 768] [--img_rows 64] [--txt_rows 32] [--copies 12] [--runs 31]
+//   build/bin/gemm_bench [--dtype f32|bf16] [--hidden 768] [--img_rows 64] [--txt_rows 32]
+//                        [--copies 12] [--runs 31]
 // Defaults: seed-default at batch 1. sd3-medium batch 1: --hidden 1536 --img_rows 1024
 // --txt_rows 77 --copies 4. Prints per product kind the median ms of its `copies` products
 // with each kernel and the ratio (oneDNN / ours: above 1, ours is faster).
@@ -34,6 +35,7 @@ double Median(std::vector<double> values) {
 }
 
 absl::Status Run(const Flags& flags) {
+  ASSIGN_OR_RETURN(const ComputeDType compute, ParseComputeDType(flags.String("dtype", "f32"), "dtype"));
   ASSIGN_OR_RETURN(const int64_t d, flags.Int("hidden", 768));
   ASSIGN_OR_RETURN(const int64_t img, flags.Int("img_rows", 64));
   ASSIGN_OR_RETURN(const int64_t txt, flags.Int("txt_rows", 32));
@@ -51,7 +53,7 @@ absl::Status Run(const Flags& flags) {
   std::mt19937 rng(0);
   std::uniform_real_distribution<float> uniform(-0.05f, 0.05f);
   for (int kernel = 0; kernel < 2; ++kernel) {
-    ASSIGN_OR_RETURN(contexts[kernel], DnnlContext::Create(ComputeDType::kF32));
+    ASSIGN_OR_RETURN(contexts[kernel], DnnlContext::Create(compute));
     contexts[kernel]->use_panel_gemm = kernel == 0;
     linears[kernel].resize(kinds.size());
     for (size_t k = 0; k < kinds.size(); ++k) {
@@ -82,8 +84,8 @@ absl::Status Run(const Flags& flags) {
       }
     }
   }
-  std::printf("%d threads, hidden %lld, %lld image / %lld text rows, %lld copies, median of %lld runs\n",
-              omp_get_max_threads(), static_cast<long long>(d), static_cast<long long>(img),
+  std::printf("%s, %d threads, hidden %lld, %lld image / %lld text rows, %lld copies, median of %lld runs\n",
+              ComputeDTypeName(compute), omp_get_max_threads(), static_cast<long long>(d), static_cast<long long>(img),
               static_cast<long long>(txt), static_cast<long long>(copies), static_cast<long long>(runs));
   std::printf("%-14s %10s %10s %8s %12s\n", "product", "ours_ms", "onednn_ms", "ratio", "ours_GFLOP/s");
   double ours_sum = 0, onednn_sum = 0;
@@ -104,7 +106,7 @@ absl::Status Run(const Flags& flags) {
 
 int main(int argc, char** argv) {
   auto flags = mmdit::Flags::Parse(std::vector<std::string>(argv + 1, argv + argc),
-                                   {"hidden", "img_rows", "txt_rows", "copies", "runs"});
+                                   {"dtype", "hidden", "img_rows", "txt_rows", "copies", "runs"});
   absl::Status status = flags.ok() ? mmdit::Run(*flags) : flags.status();
   if (!status.ok()) {
     std::cerr << "gemm_bench: " << status << "\n";

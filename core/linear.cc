@@ -40,16 +40,23 @@ dnnl::matmul::primitive_desc MakeDesc(const dnnl::engine& engine, int64_t rows, 
   return dnnl::matmul::primitive_desc(dnnl::matmul::desc(src_md, weights_md, bias_md, dst_md), attr, engine);
 }
 
-bool UsesPanelGemm(const DnnlContext& context) {
-  return context.compute == ComputeDType::kF32 && context.use_panel_gemm && PanelGemmAvailable();
+PanelDType PanelDTypeOf(ComputeDType compute) {
+  return compute == ComputeDType::kBF16 ? PanelDType::kBF16 : PanelDType::kF32;
+}
+
+// Whether a Linear with `in` inputs runs its smaller products on PanelGemm.
+bool UsesPanelGemm(const DnnlContext& context, int64_t in) {
+  const bool bf16 = context.compute == ComputeDType::kBF16;
+  return context.use_panel_gemm && PanelGemmAvailable(PanelDTypeOf(context.compute)) && (!bf16 || in % 2 == 0);
 }
 
 // The packed weights' layout: oneDNN's choice, or where PanelGemm runs too, the 48-column
 // panels it reads (which oneDNN's brgemm matmul also takes).
 dnnl::memory::desc PackedWeightsDesc(const DnnlContext& context, int64_t in, int64_t out) {
-  static_assert(kPanelColumns == 48 && kPanelDepthAlign == 16, "BA16a48b");
-  if (UsesPanelGemm(context)) return dnnl::memory::desc({in, out}, dt::f32, tag::BA16a48b);
-  return dnnl::memory::desc({in, out}, ComputeType(context.compute), tag::any);
+  static_assert(kPanelColumns == 48, "BA16a48b, BA16a48b2a");
+  const dt type = ComputeType(context.compute);
+  if (!UsesPanelGemm(context, in)) return dnnl::memory::desc({in, out}, type, tag::any);
+  return dnnl::memory::desc({in, out}, type, context.compute == ComputeDType::kBF16 ? tag::BA16a48b2a : tag::BA16a48b);
 }
 
 // The reorder that converts a [rows, in] float32 input to bf16 (throws dnnl::error).
@@ -90,8 +97,8 @@ absl::StatusOr<Linear> Linear::Create(DnnlContext& context, LinearWeights weight
   linear.epilogue_ = epilogue;
   linear.input_ = input;
   linear.output_ = output;
-  linear.panel_gemm_ = UsesPanelGemm(context);
   const int64_t in = linear.in_features_, out = linear.out_features_;
+  linear.panel_gemm_ = UsesPanelGemm(context, in);
   weights.Load();
   try {
     // The checkpoint's [out, in] row-major matrix is W^T [in, out] in `ba` order.
@@ -135,7 +142,7 @@ absl::StatusOr<Linear> Linear::CreateStacked(DnnlContext& context, std::vector<L
   linear.context_ = &context;
   linear.out_features_ = out;
   linear.in_features_ = in;
-  linear.panel_gemm_ = UsesPanelGemm(context);
+  linear.panel_gemm_ = UsesPanelGemm(context, in);
   try {
     linear.packed_weights_ = dnnl::memory(packed_md, context.engine);
     linear.bias_ = dnnl::memory({{1, out}, dt::f32, tag::ab}, context.engine);
@@ -192,11 +199,19 @@ absl::Status Linear::Forward(const float* x, int64_t rows, float* y) {
 absl::Status Linear::ForwardRows(const void* x, int64_t rows, void* y) {
   if (rows == 0) return absl::OkStatus();
   if (context_->trace) context_->trace->push_back({rows, in_features_, out_features_, epilogue_, input_, output_});
-  if (panel_gemm_ && rows <= kPanelGemmMaxRows) {  // float32 rows on both sides
-    PanelGemm(static_cast<const float*>(x), rows, in_features_, static_cast<const float*>(packed_weights_.get_data_handle()),
-              static_cast<const float*>(bias_.get_data_handle()), out_features_,
-              epilogue_ == Epilogue::kGeluTanh ? PanelEpilogue::kBiasGeluTanh : PanelEpilogue::kBias,
-              static_cast<float*>(y));
+  if (panel_gemm_ && rows <= kPanelGemmMaxRows) {
+    const bool bf16 = context_->compute == ComputeDType::kBF16;
+    const void* input = x;
+    if (ConvertsInput()) {
+      std::vector<uint16_t>& converted = context_->bf16_input;
+      if (converted.size() < static_cast<size_t>(rows * in_features_)) converted.resize(rows * in_features_);
+      ConvertToBf16(static_cast<const float*>(x), rows * in_features_, converted.data());
+      input = converted.data();
+    }
+    PanelGemm({bf16 ? PanelDType::kBF16 : PanelDType::kF32, input, rows, in_features_, out_features_,
+               packed_weights_.get_data_handle(), static_cast<const float*>(bias_.get_data_handle()),
+               epilogue_ == Epilogue::kGeluTanh ? PanelEpilogue::kBiasGeluTanh : PanelEpilogue::kBias,
+               /*bf16_output=*/bf16 && output_ == RowsDType::kCompute, y});
     return absl::OkStatus();
   }
   auto primitives = PrimitivesForRows(rows);

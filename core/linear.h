@@ -41,14 +41,15 @@ struct DnnlContext {
   // When set, every Linear::Forward appends its shape here (the roofline benchmark replays
   // a forward's products on their own).
   std::vector<MatmulCall>* trace = nullptr;
-  // kF32 on AVX-512: Linears created while this is set pack their weights in the layout both
-  // oneDNN's matmul and PanelGemm read, and run products of up to kPanelGemmMaxRows rows on
-  // PanelGemm (panel_gemm.h). Cleared: oneDNN only (the roofline benchmark's baseline).
+  // Where the CPU runs PanelGemm in the compute dtype (panel_gemm.h): Linears created while
+  // this is set pack their weights in the layout both oneDNN's matmul and PanelGemm read, and
+  // run products of up to kPanelGemmMaxRows rows on PanelGemm. Cleared: oneDNN only (the
+  // roofline benchmark's baseline).
   bool use_panel_gemm = true;
   static absl::StatusOr<std::unique_ptr<DnnlContext>> Create(ComputeDType compute);
 };
 
-// The most rows a float32 product runs on PanelGemm; oneDNN's matmul runs larger ones, where
+// The most rows a product runs on PanelGemm; oneDNN's matmul runs larger ones, where
 // each weight is reused across so many rows that memory no longer holds it back: at 4096
 // rows it was 2 % faster, at 1024 3 % slower (build/bin/gemm_bench).
 inline constexpr int64_t kPanelGemmMaxRows = 1024;

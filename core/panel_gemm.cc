@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cassert>
 
+#include "core/dtype.h"
 #include "core/simd.h"
 
 namespace mmdit {
@@ -20,15 +21,15 @@ using simd::Vec;
 constexpr int kTileRows = 8;
 constexpr int kPanelVecs = kPanelColumns / simd::kVector;
 static_assert(kPanelVecs == 3);
-// Panel rows (k steps) one pass of the tiles covers: a 1024 x 48 block is 192 KB, which stays
-// in L2 while every row tile of the pass reads it. A whole panel of a 6144-wide input (1.2
-// MB) would not.
+// Inputs one pass of the tiles covers: a float32 1024 x 48 block is 192 KB, which stays in L2
+// while every row tile of the pass reads it. A whole panel of a 6144-wide input (1.2 MB)
+// would not.
 constexpr int64_t kDepthBlock = 1024;
 
 // Weights stream from DRAM while the multiply-adds run: every pass of a panel prefetches its
 // share of the next panel, so the whole panel's time covers the next one's transfer. A
 // thread's first panel has no predecessor: its first pass reads kLookaheadSteps panel rows
-// (k steps of 192 bytes, ~18 KB) ahead of itself.
+// (of 192 bytes: ~18 KB) ahead of itself.
 constexpr int64_t kLookaheadSteps = 96;
 
 int64_t RoundUp(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
@@ -44,43 +45,53 @@ int64_t RoundUp(int64_t x, int64_t multiple) { return (x + multiple - 1) / multi
   return x * (u < 0.0f ? z * sigmoid_abs : sigmoid_abs);
 }
 
-// One pass of a tile: k steps [0, depth) of up to kTileRows rows against a panel block.
+// One pass of a tile: depth steps [0, depth) of up to kTileRows rows against a panel block.
+// A depth step is one panel row of 192 bytes and 4 bytes of each input row: one input in
+// float32 (48 columns x 1 float), an input pair in bf16 (48 columns x 2 bf16).
 struct Pass {
-  const float* x;       // the tile's first row at the block's first k; rows `in` floats apart
-  int64_t in;
-  const float* panel;   // the block's first panel row
+  const char* x;        // the tile's first row at the block's first step; rows x_stride bytes apart
+  int64_t x_stride;
+  const char* panel;    // the block's first panel row
   int64_t depth;
   const float* start;   // what the sums start from: the panel's bias (48 floats, first
   int64_t start_stride; // pass, stride 0) or the previous passes' sums (y rows)
   bool last;            // apply the epilogue
-  float* y;
+  float* y;             // float32 sums (the result or a partial), rows y_stride floats apart
   int64_t y_stride;
-  // Prefetch begin + k * step at step k (none when begin is null); with `lookahead`, also
-  // this block kLookaheadSteps rows ahead.
+  // Prefetch begin + step * s at depth step s (none when begin is null); with `lookahead`,
+  // also this block kLookaheadSteps rows ahead.
   const char* prefetch_begin;
   int64_t prefetch_step;
   bool lookahead;
 };
+constexpr int64_t kPanelRowBytes = 192;
 
-template <int R>
-[[MMDIT_TARGET_AVX512]] void TilePass(const Pass& pass, PanelEpilogue epilogue) {
+template <int R, PanelDType kDType>
+[[MMDIT_TARGET_AVX512, gnu::target("avx512bf16")]] void TilePass(const Pass& pass, PanelEpilogue epilogue) {
   Vec acc[R][kPanelVecs];
   for (int r = 0; r < R; ++r) {
     for (int j = 0; j < kPanelVecs; ++j) acc[r][j] = Load(pass.start + r * pass.start_stride + j * simd::kVector);
   }
-  const float* x = pass.x;
-  for (int64_t k = 0; k < pass.depth; ++k) {
-    const float* w = pass.panel + k * kPanelColumns;
+  for (int64_t step = 0; step < pass.depth; ++step) {
+    const char* w = pass.panel + step * kPanelRowBytes;
     if (pass.lookahead) {
-      for (int j = 0; j < kPanelVecs; ++j) __builtin_prefetch(w + kLookaheadSteps * kPanelColumns + j * simd::kVector);
+      for (int j = 0; j < kPanelVecs; ++j) __builtin_prefetch(w + kLookaheadSteps * kPanelRowBytes + 64 * j);
     }
-    if (pass.prefetch_begin != nullptr) __builtin_prefetch(pass.prefetch_begin + k * pass.prefetch_step);
-    Vec wv[kPanelVecs];
-    for (int j = 0; j < kPanelVecs; ++j) wv[j] = Load(w + j * simd::kVector);
+    if (pass.prefetch_begin != nullptr) __builtin_prefetch(pass.prefetch_begin + step * pass.prefetch_step);
+    __m512 wv[kPanelVecs];
+    for (int j = 0; j < kPanelVecs; ++j) wv[j] = _mm512_loadu_ps(w + 64 * j);
     for (int r = 0; r < R; ++r) {
-      // The intrinsic, not simd::Broadcast: GCC folds it into the FMA's embedded broadcast.
-      const Vec xv = _mm512_set1_ps(x[r * pass.in + k]);
-      for (int j = 0; j < kPanelVecs; ++j) acc[r][j] += xv * wv[j];
+      // 4 bytes of the row: one float, or one bf16 pair. The intrinsic, not simd::Broadcast:
+      // GCC folds it into the multiply-add's embedded broadcast.
+      const float* xr = reinterpret_cast<const float*>(pass.x + r * pass.x_stride) + step;
+      const __m512 xv = _mm512_set1_ps(*xr);
+      for (int j = 0; j < kPanelVecs; ++j) {
+        if constexpr (kDType == PanelDType::kF32) {
+          acc[r][j] += xv * wv[j];
+        } else {
+          acc[r][j] = _mm512_dpbf16_ps(acc[r][j], reinterpret_cast<__m512bh>(xv), reinterpret_cast<__m512bh>(wv[j]));
+        }
+      }
     }
   }
   const bool gelu = pass.last && epilogue == PanelEpilogue::kBiasGeluTanh;
@@ -92,59 +103,99 @@ template <int R>
 }
 
 using TilePassFn = void (*)(const Pass&, PanelEpilogue);
-constexpr TilePassFn kTilePasses[kTileRows + 1] = {nullptr,     TilePass<1>, TilePass<2>, TilePass<3>, TilePass<4>,
-                                                   TilePass<5>, TilePass<6>, TilePass<7>, TilePass<8>};
+template <PanelDType kDType>
+constexpr TilePassFn kTilePasses[kTileRows + 1] = {
+    nullptr,           TilePass<1, kDType>, TilePass<2, kDType>, TilePass<3, kDType>, TilePass<4, kDType>,
+    TilePass<5, kDType>, TilePass<6, kDType>, TilePass<7, kDType>, TilePass<8, kDType>};
+
+[[MMDIT_TARGET_AVX512, gnu::target("avx512bf16")]] void StoreBf16(const float* sums, int64_t count, uint16_t* out) {
+  int64_t i = 0;
+  for (; i + simd::kVector <= count; i += simd::kVector) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(sums + i))));
+  }
+  for (; i < count; ++i) out[i] = FloatToBFloat16(sums[i]);
+}
 
 }  // namespace
 
-bool PanelGemmAvailable() { return simd::CpuIsa() == simd::Isa::kAvx512; }
+bool PanelGemmAvailable(PanelDType dtype) {
+  if (simd::CpuIsa() != simd::Isa::kAvx512) return false;
+  return dtype == PanelDType::kF32 || __builtin_cpu_supports("avx512bf16");
+}
 
-void PanelGemm(const float* x, int64_t rows, int64_t in, const float* packed_weights, const float* bias, int64_t out,
-               PanelEpilogue epilogue, float* y) {
-  assert(PanelGemmAvailable());
-  const int64_t panels = RoundUp(out, kPanelColumns) / kPanelColumns;
-  const int64_t panel_floats = RoundUp(in, kPanelDepthAlign) * kPanelColumns;
-  const int64_t panel_bytes = panel_floats * static_cast<int64_t>(sizeof(float));
+void ConvertToBf16(const float* src, int64_t count, uint16_t* dst) {
+  assert(PanelGemmAvailable(PanelDType::kBF16));
+  constexpr int64_t kChunk = 16384;
+#pragma omp parallel for schedule(static)
+  for (int64_t begin = 0; begin < count; begin += kChunk) {
+    StoreBf16(src + begin, std::min(kChunk, count - begin), dst + begin);
+  }
+}
+
+void PanelGemm(const PanelProduct& product) {
+  assert(PanelGemmAvailable(product.dtype));
+  const bool bf16 = product.dtype == PanelDType::kBF16;
+  assert(!bf16 || product.in % 2 == 0);
+  const TilePassFn* tile_passes = bf16 ? kTilePasses<PanelDType::kBF16> : kTilePasses<PanelDType::kF32>;
+  const int64_t rows = product.rows, in = product.in, out = product.out;
+  const int64_t element_bytes = bf16 ? 2 : 4;
+  const int64_t steps = bf16 ? in / 2 : in;              // depth steps of 4 input bytes
+  const int64_t block_steps = bf16 ? kDepthBlock / 2 : kDepthBlock;
+  const int64_t depth_align = bf16 ? 32 : 16;  // BA16a48b2a blocks inputs by 16 pairs
+  const int64_t panel_bytes = RoundUp(in, depth_align) * kPanelColumns * element_bytes;
   const int64_t tiles = RoundUp(rows, kTileRows) / kTileRows;
-  const int64_t blocks = RoundUp(in, kDepthBlock) / kDepthBlock;
+  const int64_t blocks = RoundUp(steps, block_steps) / block_steps;
+  const char* x = static_cast<const char*>(product.x);
+  const char* packed = static_cast<const char*>(product.packed_weights);
+  // Float32 results go straight to y; bf16 ones are summed in a float32 tile first.
+  float* y_f32 = product.bf16_output ? nullptr : static_cast<float*>(product.y);
+  uint16_t* y_bf16 = product.bf16_output ? static_cast<uint16_t*>(product.y) : nullptr;
 #pragma omp parallel
   {
     // Contiguous panels per thread, so that the next panel is this thread's own.
     const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
+    const int64_t panels = RoundUp(out, kPanelColumns) / kPanelColumns;
     const int64_t first = panels * thread / threads, last = panels * (thread + 1) / threads;
     alignas(64) float bias_tile[kPanelColumns];
     alignas(64) float y_tile[kTileRows * kPanelColumns];
     for (int64_t p = first; p < last; ++p) {
-      const float* panel = packed_weights + p * panel_floats;
-      const char* next_panel = p + 1 < last ? reinterpret_cast<const char*>(panel + panel_floats) : nullptr;
+      const char* panel = packed + p * panel_bytes;
+      const char* next_panel = p + 1 < last ? panel + panel_bytes : nullptr;
       const int64_t column = p * kPanelColumns, columns = std::min(kPanelColumns, out - column);
-      // The last panel's columns past `out` exist only in the packed weights: its sums and
-      // results go through a full-width tile here, that tile's passes one after another.
-      const bool partial = columns < kPanelColumns;
-      std::fill(std::copy_n(bias + column, columns, bias_tile), bias_tile + kPanelColumns, 0.0f);
-      // Passes go block by block (every tile through one block while it is in L2), except in a
-      // partial panel (tile by tile, so that y_tile holds one tile's sums).
+      // The last panel's columns past `out` exist only in the packed weights, and bf16
+      // results are rounded once, from their final sums: such a panel's sums go through a
+      // full-width float32 tile, that tile's passes one after another.
+      const bool through_tile = columns < kPanelColumns || product.bf16_output;
+      std::fill(std::copy_n(product.bias + column, columns, bias_tile), bias_tile + kPanelColumns, 0.0f);
+      // Passes go block by block (every tile through one block while it is in L2), except
+      // through the tile (tile by tile, so that y_tile holds one tile's sums).
       for (int64_t i = 0; i < tiles * blocks; ++i) {
-        const int64_t tile = partial ? i / blocks : i % tiles, block = partial ? i % blocks : i / tiles;
-        const int64_t row = tile * kTileRows, k = block * kDepthBlock;
+        const int64_t tile = through_tile ? i / blocks : i % tiles, block = through_tile ? i % blocks : i / tiles;
+        const int64_t row = tile * kTileRows, step = block * block_steps;
         const int tile_rows = static_cast<int>(std::min<int64_t>(kTileRows, rows - row));
         Pass pass;
-        pass.x = x + row * in + k;
-        pass.in = in;
-        pass.panel = panel + k * kPanelColumns;
-        pass.depth = std::min(kDepthBlock, in - k);
-        pass.y = partial ? y_tile : y + row * out + column;
-        pass.y_stride = partial ? kPanelColumns : out;
+        pass.x = x + (row * in) * element_bytes + step * 4;
+        pass.x_stride = in * element_bytes;
+        pass.panel = panel + step * kPanelRowBytes;
+        pass.depth = std::min(block_steps, steps - step);
+        pass.y = through_tile ? y_tile : y_f32 + row * out + column;
+        pass.y_stride = through_tile ? kPanelColumns : out;
         pass.start = block == 0 ? bias_tile : pass.y;
         pass.start_stride = block == 0 ? 0 : pass.y_stride;
         pass.last = block + 1 == blocks;
         pass.prefetch_begin = next_panel == nullptr ? nullptr : next_panel + panel_bytes * i / (tiles * blocks);
         pass.prefetch_step = std::max<int64_t>(1, panel_bytes / (tiles * blocks * pass.depth));
         pass.lookahead = p == first && i == 0;
-        kTilePasses[tile_rows](pass, epilogue);
-        if (partial && pass.last) {
+        tile_passes[tile_rows](pass, product.epilogue);
+        if (through_tile && pass.last) {
           for (int r = 0; r < tile_rows; ++r) {
-            std::copy_n(y_tile + r * kPanelColumns, columns, y + (row + r) * out + column);
+            const float* sums = y_tile + r * kPanelColumns;
+            if (y_bf16 != nullptr) {
+              StoreBf16(sums, columns, y_bf16 + (row + r) * out + column);
+            } else {
+              std::copy_n(sums, columns, y_f32 + (row + r) * out + column);
+            }
           }
         }
       }

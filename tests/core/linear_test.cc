@@ -64,15 +64,17 @@ struct PanelShape {
   int64_t in, out;
 };
 
-class PanelGemmLinearTest : public ::testing::TestWithParam<std::tuple<PanelShape, Epilogue>> {};
+class PanelGemmLinearTest : public ::testing::TestWithParam<std::tuple<PanelShape, Epilogue, ComputeDType>> {};
 
-// Float32 products of up to kPanelGemmMaxRows rows run on our own kernel (on AVX-512), larger
-// ones on oneDNN: both against the naive product, across tile tails (rows not a multiple of
-// 8), a last panel narrower than 48 columns, an input width off the 16-row packing, and
-// pre-activations large enough to reach both of GELU's saturated ends.
+// Products of up to kPanelGemmMaxRows rows run on our own kernel (on AVX-512; bf16 with
+// AVX512_BF16 and an even input width), larger ones on oneDNN: both against the naive product,
+// across tile tails (rows not a multiple of 8), a last panel narrower than 48 columns, input
+// widths off the packing's 16 or 32, and pre-activations large enough to reach both of
+// GELU's saturated ends.
 TEST_P(PanelGemmLinearTest, MatchesNaiveMatmulOnEitherSideOfTheRowLimit) {
-  const auto [shape, epilogue] = GetParam();
-  auto context = DnnlContext::Create(ComputeDType::kF32);
+  const auto [shape, epilogue, compute] = GetParam();
+  const bool bf16 = compute == ComputeDType::kBF16;
+  auto context = DnnlContext::Create(compute);
   ASSERT_TRUE(context.ok()) << context.status();
   const LinearWeights weights{RandomTensor({shape.out, shape.in}, 1, 0.5f), RandomTensor({shape.out}, 2, 4.0f)};
   auto linear = Linear::Create(**context, weights, epilogue);
@@ -82,8 +84,9 @@ TEST_P(PanelGemmLinearTest, MatchesNaiveMatmulOnEitherSideOfTheRowLimit) {
     const Tensor x = RandomTensor({rows, shape.in}, 3 + rows, 2.0f);
     Tensor y({rows, shape.out});
     ASSERT_TRUE(linear->Forward(x.data.data(), rows, y.data.data()).ok());
-    const Tensor expected = NaiveLinear(x, weights, epilogue == Epilogue::kGeluTanh, /*bf16=*/false);
-    // Float32 rounding: relative to the sum of the magnitudes of each output's terms.
+    const Tensor expected = NaiveLinear(x, weights, epilogue == Epilogue::kGeluTanh, bf16);
+    // Float32 rounding (of sums of exact products, in bf16): relative to the sum of the
+    // magnitudes of each output's terms.
     double worst = 0;
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t o = 0; o < shape.out; ++o) {
@@ -101,8 +104,9 @@ TEST_P(PanelGemmLinearTest, MatchesNaiveMatmulOnEitherSideOfTheRowLimit) {
 
 INSTANTIATE_TEST_SUITE_P(ShapesAndEpilogues, PanelGemmLinearTest,
                          ::testing::Combine(::testing::Values(PanelShape{48, 48}, PanelShape{50, 130},
-                                                              PanelShape{7, 1}, PanelShape{96, 144}),
-                                            ::testing::Values(Epilogue::kNone, Epilogue::kGeluTanh)));
+                                                              PanelShape{7, 1}, PanelShape{96, 144}, PanelShape{64, 48}),
+                                            ::testing::Values(Epilogue::kNone, Epilogue::kGeluTanh),
+                                            ::testing::Values(ComputeDType::kF32, ComputeDType::kBF16)));
 
 class StackedLinearTest : public ::testing::TestWithParam<std::tuple<int64_t, ComputeDType>> {};
 
