@@ -93,9 +93,10 @@ Counts CountAllocations(F&& run) {
   return {allocation_count.load(), large_count.load(), largest.load()};
 }
 
-// Allocations of one warmed Linear forward: what oneDNN's primitive execution makes inside.
-int64_t AllocationsPerProduct(Epilogue epilogue) {
-  auto context = DnnlContext::Create(ComputeDType::kF32);
+// Allocations of one warmed Linear forward (with a float32 input: in bf16, its conversion
+// too): what oneDNN's primitive execution makes inside, where the product runs on oneDNN.
+int64_t AllocationsPerProduct(Epilogue epilogue, ComputeDType compute) {
+  auto context = DnnlContext::Create(compute);
   EXPECT_TRUE(context.ok());
   auto linear = Linear::Create(**context, {testing::RandomTensor({32, 16}, 1), testing::RandomTensor({32}, 2)}, epilogue);
   EXPECT_TRUE(linear.ok());
@@ -104,7 +105,10 @@ int64_t AllocationsPerProduct(Epilogue epilogue) {
   return CountAllocations([&] { EXPECT_TRUE(linear->Forward(x.data(), 4, y.data()).ok()); }).allocations;
 }
 
-TEST(EngineAllocations, AWarmedForwardAllocatesOnlyItsOutputsAndOneDnnBookkeeping) {
+class EngineAllocations : public ::testing::TestWithParam<ComputeDType> {};
+
+TEST_P(EngineAllocations, AWarmedForwardAllocatesOnlyItsOutputsAndOneDnnBookkeeping) {
+  const ComputeDType compute = GetParam();
   ModelConfig config = *PresetConfig("sd3-medium");
   config.num_layers = 2;
   config.num_attention_heads = 4;
@@ -115,7 +119,7 @@ TEST(EngineAllocations, AWarmedForwardAllocatesOnlyItsOutputsAndOneDnnBookkeepin
   config.pos_embed_max_size = 8;
   const std::string dir = testing::MakeTempDir("alloc") + "/model";
   ASSERT_TRUE(WriteRandomModel(dir, config, 5, DType::kF32).ok());
-  auto engine = Engine::Load(dir);
+  auto engine = Engine::Load(dir, {.compute = compute});
   ASSERT_TRUE(engine.ok()) << engine.status();
   // A ragged batch of 17 samples (two latent sizes, two text lengths): more samples than any
   // small inline buffer, and samples x heads beyond 64.
@@ -130,7 +134,8 @@ TEST(EngineAllocations, AWarmedForwardAllocatesOnlyItsOutputsAndOneDnnBookkeepin
   std::vector<MatmulCall> products;
   for (int warm_up = 0; warm_up < 2; ++warm_up) ASSERT_TRUE((*engine)->Forward(batch, &products).ok());
   const int64_t products_per_forward = static_cast<int64_t>(products.size()) / 2;
-  const int64_t per_product = std::max(AllocationsPerProduct(Epilogue::kNone), AllocationsPerProduct(Epilogue::kGeluTanh));
+  const int64_t per_product =
+      std::max(AllocationsPerProduct(Epilogue::kNone, compute), AllocationsPerProduct(Epilogue::kGeluTanh, compute));
 
   absl::StatusOr<std::vector<Tensor>> outputs;
   const Counts first = CountAllocations([&] { outputs = (*engine)->Forward(batch); });
@@ -148,7 +153,7 @@ TEST(EngineAllocations, AWarmedForwardAllocatesOnlyItsOutputsAndOneDnnBookkeepin
   // allocation of ours per product, or per sample, would break the bound.
   EXPECT_LE(first.allocations, 1 + 2 * samples + products_per_forward * per_product);
   EXPECT_EQ(second.allocations, first.allocations);
-  if (PanelGemmAvailable()) {
+  if (PanelGemmAvailable(compute == ComputeDType::kBF16 ? PanelDType::kBF16 : PanelDType::kF32)) {
     // Every product here has at most kPanelGemmMaxRows rows and runs on PanelGemm, outside
     // oneDNN: the forward allocates its outputs and nothing else.
     EXPECT_EQ(per_product, 0);
@@ -161,6 +166,11 @@ TEST(EngineAllocations, AWarmedForwardAllocatesOnlyItsOutputsAndOneDnnBookkeepin
               static_cast<long long>(1 + 2 * samples), static_cast<long long>(first.large), kLargeBytes,
               static_cast<long long>(first.largest));
 }
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, EngineAllocations, ::testing::Values(ComputeDType::kF32, ComputeDType::kBF16),
+                         [](const ::testing::TestParamInfo<ComputeDType>& info) {
+                           return std::string(ComputeDTypeName(info.param));
+                         });
 
 // A "<field> <n> kB" line of /proc/self/status, in bytes.
 int64_t ProcessStatusBytes(const std::string& field) {
