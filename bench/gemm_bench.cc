@@ -47,7 +47,7 @@ absl::Status Run(const Flags& flags) {
       {"image ff in", img, d, 4 * d, Epilogue::kGeluTanh},  {"text ff in", txt, d, 4 * d, Epilogue::kGeluTanh},
       {"image ff out", img, 4 * d, d, Epilogue::kNone},     {"text ff out", txt, 4 * d, d, Epilogue::kNone},
   };
-  // kernel 0: the engine's (PanelGemm up to kPanelGemmMaxRows rows); kernel 1: oneDNN only.
+  // kernel 0: the engine's (PanelGemm where available); kernel 1: oneDNN's matmul.
   std::unique_ptr<DnnlContext> contexts[2];
   std::vector<std::vector<Linear>> linears[2];  // [kernel][kind][copy]
   std::mt19937 rng(0);

@@ -44,7 +44,7 @@ PanelDType PanelDTypeOf(ComputeDType compute) {
   return compute == ComputeDType::kBF16 ? PanelDType::kBF16 : PanelDType::kF32;
 }
 
-// Whether a Linear with `in` inputs runs its smaller products on PanelGemm.
+// Whether a Linear with `in` inputs runs its products on PanelGemm.
 bool UsesPanelGemm(const DnnlContext& context, int64_t in) {
   const bool bf16 = context.compute == ComputeDType::kBF16;
   return context.use_panel_gemm && PanelGemmAvailable(PanelDTypeOf(context.compute)) && (!bf16 || in % 2 == 0);
@@ -199,7 +199,7 @@ absl::Status Linear::Forward(const float* x, int64_t rows, float* y) {
 absl::Status Linear::ForwardRows(const void* x, int64_t rows, void* y) {
   if (rows == 0) return absl::OkStatus();
   if (context_->trace) context_->trace->push_back({rows, in_features_, out_features_, epilogue_, input_, output_});
-  if (panel_gemm_ && rows <= kPanelGemmMaxRows) {
+  if (panel_gemm_) {
     const bool bf16 = context_->compute == ComputeDType::kBF16;
     const void* input = x;
     if (ConvertsInput()) {

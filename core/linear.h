@@ -43,16 +43,11 @@ struct DnnlContext {
   std::vector<MatmulCall>* trace = nullptr;
   // Where the CPU runs PanelGemm in the compute dtype (panel_gemm.h): Linears created while
   // this is set pack their weights in the layout both oneDNN's matmul and PanelGemm read, and
-  // run products of up to kPanelGemmMaxRows rows on PanelGemm. Cleared: oneDNN only (the
-  // roofline benchmark's baseline).
+  // run their products on PanelGemm. Cleared: on oneDNN's matmul (the roofline benchmark's
+  // baseline, and what runs where PanelGemm cannot).
   bool use_panel_gemm = true;
   static absl::StatusOr<std::unique_ptr<DnnlContext>> Create(ComputeDType compute);
 };
-
-// The most rows a product runs on PanelGemm; oneDNN's matmul runs larger ones, where
-// each weight is reused across so many rows that memory no longer holds it back: at 4096
-// rows it was 2 % faster, at 1024 3 % slower (build/bin/gemm_bench).
-inline constexpr int64_t kPanelGemmMaxRows = 1024;
 
 // Thread-compatible: Forward caches one primitive per row count, so callers serialise.
 class Linear {
@@ -94,7 +89,7 @@ class Linear {
   DnnlContext* context_ = nullptr;
   int64_t in_features_ = 0, out_features_ = 0;
   Epilogue epilogue_ = Epilogue::kNone;
-  bool panel_gemm_ = false;  // products of up to kPanelGemmMaxRows rows run on PanelGemm
+  bool panel_gemm_ = false;  // products run on PanelGemm rather than oneDNN's matmul
   RowsDType input_ = RowsDType::kF32, output_ = RowsDType::kF32;
   dnnl::memory packed_weights_;  // [in, out] in oneDNN's chosen layout and the compute dtype
   dnnl::memory bias_;            // [1, out]

@@ -25,6 +25,11 @@ static_assert(kPanelVecs == 3);
 // while every row tile of the pass reads it. A whole panel of a 6144-wide input (1.2 MB)
 // would not.
 constexpr int64_t kDepthBlock = 1024;
+// Rows one run over the panels covers: each tile pass reads its rows' inputs for the current
+// block, so these (1024 rows x 1024 float inputs: 4 MB) should come from L2/L3 rather than
+// DRAM; larger products run in chunks, streaming the weights once per chunk (at 4096 rows
+// that was 2-5 % faster than one run).
+constexpr int64_t kChunkRows = 1024;
 
 // Weights stream from DRAM while the multiply-adds run: every pass of a panel prefetches its
 // share of the next panel, so the whole panel's time covers the next one's transfer. A
@@ -135,6 +140,21 @@ void ConvertToBf16(const float* src, int64_t count, uint16_t* dst) {
 
 void PanelGemm(const PanelProduct& product) {
   assert(PanelGemmAvailable(product.dtype));
+  if (product.rows > kChunkRows) {
+    // In chunks of equal size (a multiple of the tile), each streaming the weights once.
+    const int64_t chunks = RoundUp(product.rows, kChunkRows) / kChunkRows;
+    const int64_t chunk_rows = RoundUp(RoundUp(product.rows, chunks) / chunks, kTileRows);
+    const int64_t x_row_bytes = product.in * (product.dtype == PanelDType::kBF16 ? 2 : 4);
+    const int64_t y_row_bytes = product.out * (product.bf16_output ? 2 : 4);
+    for (int64_t row = 0; row < product.rows; row += chunk_rows) {
+      PanelProduct chunk = product;
+      chunk.rows = std::min(chunk_rows, product.rows - row);
+      chunk.x = static_cast<const char*>(product.x) + row * x_row_bytes;
+      chunk.y = static_cast<char*>(product.y) + row * y_row_bytes;
+      PanelGemm(chunk);
+    }
+    return;
+  }
   const bool bf16 = product.dtype == PanelDType::kBF16;
   assert(!bf16 || product.in % 2 == 0);
   const TilePassFn* tile_passes = bf16 ? kTilePasses<PanelDType::kBF16> : kTilePasses<PanelDType::kF32>;

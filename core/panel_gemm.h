@@ -1,11 +1,13 @@
-// Our own matrix product for products of up to ~1000 rows, on weights oneDNN packed.
+// Our own matrix product, on weights oneDNN packed.
 //
-// Why not oneDNN's matmul for these: its brgemm kernels run near peak when the weights are in
-// cache, but a forward pass streams every weight matrix from DRAM, and with few rows per
-// weight (a sample's 32-1024 text or image tokens) oneDNN 2.6 then loses 10-35 % waiting on
-// memory. This kernel prefetches the next weight panel while it multiplies the current one
-// (build/bin/gemm_bench compares the two: bench/gemm_bench.cc). oneDNN still packs the
-// weights, in a layout both kernels read, and runs every larger product.
+// Why not oneDNN's matmul: its brgemm kernels run near peak when the weights are in cache, but
+// a forward pass streams every weight matrix from DRAM, and with few rows per weight (a
+// sample's 32-1024 text or image tokens) oneDNN 2.6 then loses 10-35 % waiting on memory.
+// This kernel prefetches the next weight panel while it multiplies the current one, and at
+// thousands of rows still matches oneDNN (build/bin/gemm_bench compares the two:
+// bench/gemm_bench.cc). It also allocates nothing. oneDNN still packs the weights, in a
+// layout both kernels read, and runs the products where this kernel cannot (no AVX-512; bf16
+// without AVX512_BF16 or with an odd input width).
 #pragma once
 
 #include <cstdint>
@@ -37,7 +39,8 @@ struct PanelProduct {
   void* y;                   // rows `out` elements apart
 };
 
-// Runs `product`, parallel over panels with OpenMP. Requires PanelGemmAvailable(dtype).
+// Runs `product`, parallel over panels with OpenMP; more than 1024 rows in chunks. Requires
+// PanelGemmAvailable(dtype).
 void PanelGemm(const PanelProduct& product);
 
 // dst[i] = bf16(src[i]) (round to nearest even), parallel with OpenMP; for a float32 input

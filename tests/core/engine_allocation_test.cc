@@ -154,8 +154,8 @@ TEST_P(EngineAllocations, AWarmedForwardAllocatesOnlyItsOutputsAndOneDnnBookkeep
   EXPECT_LE(first.allocations, 1 + 2 * samples + products_per_forward * per_product);
   EXPECT_EQ(second.allocations, first.allocations);
   if (PanelGemmAvailable(compute == ComputeDType::kBF16 ? PanelDType::kBF16 : PanelDType::kF32)) {
-    // Every product here has at most kPanelGemmMaxRows rows and runs on PanelGemm, outside
-    // oneDNN: the forward allocates its outputs and nothing else.
+    // Every product runs on PanelGemm, outside oneDNN: the forward allocates its outputs and
+    // nothing else.
     EXPECT_EQ(per_product, 0);
     EXPECT_EQ(first.allocations, 1 + 2 * samples);
   }
