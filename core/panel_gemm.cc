@@ -83,13 +83,12 @@ template <int R, PanelDType kDType>
       for (int j = 0; j < kPanelVecs; ++j) __builtin_prefetch(w + kLookaheadSteps * kPanelRowBytes + 64 * j);
     }
     if (pass.prefetch_begin != nullptr) __builtin_prefetch(pass.prefetch_begin + step * pass.prefetch_step);
-    __m512 wv[kPanelVecs];
-    for (int j = 0; j < kPanelVecs; ++j) wv[j] = _mm512_loadu_ps(w + 64 * j);
+    Vec wv[kPanelVecs];
+    for (int j = 0; j < kPanelVecs; ++j) wv[j] = Load(reinterpret_cast<const float*>(w + 64 * j));
     for (int r = 0; r < R; ++r) {
-      // 4 bytes of the row: one float, or one bf16 pair. The intrinsic, not simd::Broadcast:
-      // GCC folds it into the multiply-add's embedded broadcast.
+      // 4 bytes of the row: one float, or one bf16 pair.
       const float* xr = reinterpret_cast<const float*>(pass.x + r * pass.x_stride) + step;
-      const __m512 xv = _mm512_set1_ps(*xr);
+      const Vec xv = simd::Broadcast(*xr);
       for (int j = 0; j < kPanelVecs; ++j) {
         if constexpr (kDType == PanelDType::kF32) {
           acc[r][j] += xv * wv[j];

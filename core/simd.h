@@ -21,7 +21,13 @@ typedef int32_t IntVec __attribute__((vector_size(64)));
 
 [[gnu::always_inline]] inline Vec Load(const float* p) { return *reinterpret_cast<const VecUnaligned*>(p); }
 [[gnu::always_inline]] inline void Store(float* p, Vec v) { *reinterpret_cast<VecUnaligned*>(p) = v; }
-[[gnu::always_inline]] inline Vec Broadcast(float x) { return Vec{} + x; }
+// A shuffle of lane 0: GCC emits one broadcast (folded into an FMA's memory operand under
+// AVX-512). `Vec{} + x` would add 0 first (0 + -0 is +0, so that add cannot be folded), and
+// GCC 12 builds `Vec{x, x, ...}` lane by lane.
+[[gnu::always_inline]] inline Vec Broadcast(float x) {
+  const Vec lane0 = {x};
+  return __builtin_shufflevector(lane0, lane0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+}
 
 // e^x for x <= 0 (softmax arguments after the row maximum is subtracted), below 2 ulp:
 // x = n ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial, times 2^n built in
