@@ -93,11 +93,19 @@ template <int kRows>
 
 // In place over one row of `length` scores: p_j = exp(s_j - max); returns sum_j p_j.
 [[gnu::always_inline]] inline float SoftmaxNumerators(float* scores, int64_t length) {
-  float max_score = -INFINITY;
-  for (int64_t j = 0; j < length; ++j) max_score = std::max(max_score, scores[j]);
-  Vec sum = {};
+  // The maximum sixteen lanes at a time: a scalar loop is one long chain of dependent maxes
+  // (GCC does not vectorise it: the order matters for NaN), as slow as the row's products.
+  Vec lane_max = Broadcast(-INFINITY);
   int64_t j = 0;
   for (; j + kVector <= length; j += kVector) {
+    const Vec s = Load(scores + j);
+    lane_max = s > lane_max ? s : lane_max;
+  }
+  float max_score = -INFINITY;
+  for (int64_t e = 0; e < kVector; ++e) max_score = std::max(max_score, lane_max[e]);
+  for (; j < length; ++j) max_score = std::max(max_score, scores[j]);
+  Vec sum = {};
+  for (j = 0; j + kVector <= length; j += kVector) {
     const Vec p = ExpNonPositive(Load(scores + j) - max_score);
     Store(scores + j, p);
     sum += p;
