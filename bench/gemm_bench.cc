@@ -1,4 +1,4 @@
-// PanelGemm against oneDNN's matmul on the float32 products of one joint block, each product
+// PanelGemm against oneDNN's matmul on the products of one joint block, each product
 // on weights no other product touches (as in a forward pass, they stream from DRAM), the two
 // kernels alternating run by run in one process. Not part of CI.
 //   build/bin/gemm_bench [--dtype f32|bf16] [--hidden 768] [--img_rows 64] [--txt_rows 32]

@@ -164,6 +164,12 @@ absl::StatusOr<Linear> Linear::CreateStacked(DnnlContext& context, std::vector<L
   return linear;
 }
 
+uint16_t* Linear::Bf16Staging(int64_t rows) {
+  std::vector<uint16_t>& staging = context_->bf16_input;
+  if (staging.size() < static_cast<size_t>(rows * in_features_)) staging.resize(rows * in_features_);
+  return staging.data();
+}
+
 bool Linear::ConvertsInput() const { return context_->compute == ComputeDType::kBF16 && input_ == RowsDType::kF32; }
 
 absl::StatusOr<Linear::RowPrimitives*> Linear::PrimitivesForRows(int64_t rows) {
@@ -203,10 +209,9 @@ absl::Status Linear::ForwardRows(const void* x, int64_t rows, void* y) {
     const bool bf16 = context_->compute == ComputeDType::kBF16;
     const void* input = x;
     if (ConvertsInput()) {
-      std::vector<uint16_t>& converted = context_->bf16_input;
-      if (converted.size() < static_cast<size_t>(rows * in_features_)) converted.resize(rows * in_features_);
-      ConvertToBf16(static_cast<const float*>(x), rows * in_features_, converted.data());
-      input = converted.data();
+      uint16_t* converted = Bf16Staging(rows);
+      ConvertToBf16(static_cast<const float*>(x), rows * in_features_, converted);
+      input = converted;
     }
     PanelGemm({bf16 ? PanelDType::kBF16 : PanelDType::kF32, input, rows, in_features_, out_features_,
                packed_weights_.get_data_handle(), static_cast<const float*>(bias_.get_data_handle()),
@@ -220,10 +225,8 @@ absl::Status Linear::ForwardRows(const void* x, int64_t rows, void* y) {
     RowPrimitives& p = **primitives;
     p.destination.set_data_handle(y);
     if (ConvertsInput()) {
-      std::vector<uint16_t>& converted = context_->bf16_input;
-      if (converted.size() < static_cast<size_t>(rows * in_features_)) converted.resize(rows * in_features_);
       p.f32_input.set_data_handle(const_cast<void*>(x));
-      p.source.set_data_handle(converted.data());
+      p.source.set_data_handle(Bf16Staging(rows));
       Execute(p.to_bf16, {{DNNL_ARG_FROM, p.f32_input.get()}, {DNNL_ARG_TO, p.source.get()}});
     } else {
       p.source.set_data_handle(const_cast<void*>(x));

@@ -53,7 +53,8 @@ struct DnnlContext {
 class Linear {
  public:
   // Takes `weights` ([out, in], [out]; read now if unread) and reorders the matrix once into
-  // the layout oneDNN's matmul prefers. Errors: Internal if oneDNN refuses.
+  // the packed layout (PanelGemm's panels, or where it does not run the layout oneDNN's matmul
+  // prefers). Errors: Internal if oneDNN refuses.
   static absl::StatusOr<Linear> Create(DnnlContext& context, LinearWeights weights, Epilogue epilogue,
                                        RowsDType input = RowsDType::kF32, RowsDType output = RowsDType::kF32);
 
@@ -83,6 +84,8 @@ class Linear {
     dnnl::memory destination;  // [rows, out]
   };
   bool ConvertsInput() const;
+  // DnnlContext::bf16_input, grown to hold `rows` of this Linear's input.
+  uint16_t* Bf16Staging(int64_t rows);
   absl::StatusOr<RowPrimitives*> PrimitivesForRows(int64_t rows);
   void Execute(const dnnl::primitive& primitive, std::initializer_list<dnnl_exec_arg_t> args);  // throws dnnl::error
 
@@ -91,7 +94,7 @@ class Linear {
   Epilogue epilogue_ = Epilogue::kNone;
   bool panel_gemm_ = false;  // products run on PanelGemm rather than oneDNN's matmul
   RowsDType input_ = RowsDType::kF32, output_ = RowsDType::kF32;
-  dnnl::memory packed_weights_;  // [in, out] in oneDNN's chosen layout and the compute dtype
+  dnnl::memory packed_weights_;  // [in, out], packed (see Create) in the compute dtype
   dnnl::memory bias_;            // [1, out]
   std::unordered_map<int64_t, RowPrimitives> primitives_by_rows_;
 };

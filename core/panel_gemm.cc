@@ -70,9 +70,20 @@ struct Pass {
   bool lookahead;
 };
 constexpr int64_t kPanelRowBytes = 192;
+// Input rows and panels are read as floats whatever they hold (bf16 pairs too).
+typedef float AliasedFloat __attribute__((may_alias));
+
+// acc += the dot products of x's and w's bf16 pairs, lane by lane (`vdpbf16ps`). Written as
+// assembly so that the kernels need not be compiled for AVX512_BF16: with that target GCC may
+// use its instructions anywhere in a function, and the float32 kernels must run on AVX-512
+// CPUs without it.
+[[gnu::always_inline]] inline Vec DotBf16Pairs(Vec acc, Vec x, Vec w) {
+  asm("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w));
+  return acc;
+}
 
 template <int R, PanelDType kDType>
-[[MMDIT_TARGET_AVX512, gnu::target("avx512bf16")]] void TilePass(const Pass& pass, PanelEpilogue epilogue) {
+[[MMDIT_TARGET_AVX512]] void TilePass(const Pass& pass, PanelEpilogue epilogue) {
   Vec acc[R][kPanelVecs];
   for (int r = 0; r < R; ++r) {
     for (int j = 0; j < kPanelVecs; ++j) acc[r][j] = Load(pass.start + r * pass.start_stride + j * simd::kVector);
@@ -82,18 +93,22 @@ template <int R, PanelDType kDType>
     if (pass.lookahead) {
       for (int j = 0; j < kPanelVecs; ++j) __builtin_prefetch(w + kLookaheadSteps * kPanelRowBytes + 64 * j);
     }
-    if (pass.prefetch_begin != nullptr) __builtin_prefetch(pass.prefetch_begin + step * pass.prefetch_step);
+    if (pass.prefetch_begin != nullptr) {
+      // Every line of this step's share: with few tiles a step's share is a whole 192-byte row.
+      const char* share = pass.prefetch_begin + step * pass.prefetch_step;
+      for (int64_t byte = 0; byte < pass.prefetch_step; byte += 64) __builtin_prefetch(share + byte);
+    }
     Vec wv[kPanelVecs];
     for (int j = 0; j < kPanelVecs; ++j) wv[j] = Load(reinterpret_cast<const float*>(w + 64 * j));
     for (int r = 0; r < R; ++r) {
-      // 4 bytes of the row: one float, or one bf16 pair.
-      const float* xr = reinterpret_cast<const float*>(pass.x + r * pass.x_stride) + step;
+      // 4 bytes of the row: one float, or one bf16 pair (read as a float's bits).
+      const AliasedFloat* xr = reinterpret_cast<const AliasedFloat*>(pass.x + r * pass.x_stride) + step;
       const Vec xv = simd::Broadcast(*xr);
       for (int j = 0; j < kPanelVecs; ++j) {
         if constexpr (kDType == PanelDType::kF32) {
           acc[r][j] += xv * wv[j];
         } else {
-          acc[r][j] = _mm512_dpbf16_ps(acc[r][j], reinterpret_cast<__m512bh>(xv), reinterpret_cast<__m512bh>(wv[j]));
+          acc[r][j] = DotBf16Pairs(acc[r][j], xv, wv[j]);
         }
       }
     }
@@ -164,7 +179,7 @@ void PanelGemm(const PanelProduct& product) {
   const int64_t depth_align = bf16 ? 32 : 16;  // BA16a48b2a blocks inputs by 16 pairs
   const int64_t panel_bytes = RoundUp(in, depth_align) * kPanelColumns * element_bytes;
   const int64_t tiles = RoundUp(rows, kTileRows) / kTileRows;
-  const int64_t blocks = RoundUp(steps, block_steps) / block_steps;
+  const int64_t blocks = std::max<int64_t>(1, RoundUp(steps, block_steps) / block_steps);  // in = 0: the bias
   const char* x = static_cast<const char*>(product.x);
   const char* packed = static_cast<const char*>(product.packed_weights);
   // Float32 results go straight to y; bf16 ones are summed in a float32 tile first.
@@ -172,7 +187,9 @@ void PanelGemm(const PanelProduct& product) {
   uint16_t* y_bf16 = product.bf16_output ? static_cast<uint16_t*>(product.y) : nullptr;
 #pragma omp parallel
   {
-    // Contiguous panels per thread, so that the next panel is this thread's own.
+    // Contiguous panels per thread, so that the next panel is this thread's own. Rows are not
+    // split: an output of one panel (48 columns or fewer: seed-default's final projection)
+    // runs on one thread, a small cost next to the other products.
     const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
     const int64_t panels = RoundUp(out, kPanelColumns) / kPanelColumns;
     const int64_t first = panels * thread / threads, last = panels * (thread + 1) / threads;
@@ -204,7 +221,7 @@ void PanelGemm(const PanelProduct& product) {
         pass.start_stride = block == 0 ? 0 : pass.y_stride;
         pass.last = block + 1 == blocks;
         pass.prefetch_begin = next_panel == nullptr ? nullptr : next_panel + panel_bytes * i / (tiles * blocks);
-        pass.prefetch_step = std::max<int64_t>(1, panel_bytes / (tiles * blocks * pass.depth));
+        pass.prefetch_step = std::max<int64_t>(1, panel_bytes / (tiles * blocks * std::max<int64_t>(1, pass.depth)));
         pass.lookahead = p == first && i == 0;
         tile_passes[tile_rows](pass, product.epilogue);
         if (through_tile && pass.last) {

@@ -11,12 +11,13 @@ constexpr int64_t kVector = 16;  // floats per Vec
 
 // Sixteen floats. GCC lowers it to one zmm register under AVX-512, two ymm under AVX2 and four
 // xmm on baseline x86-64, so one kernel body serves every instruction set. Loads and stores go
-// through VecUnaligned: scratch and activation rows are only float-aligned.
+// through VecUnaligned: scratch and activation rows are only float-aligned, and packed bf16
+// weights are loaded as float bits.
 // Vec never crosses a call between functions of different targets (every helper is
 // always_inline into one dispatch variant), so GCC's ABI note does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 typedef float Vec __attribute__((vector_size(64)));
-typedef float VecUnaligned __attribute__((vector_size(64), aligned(4)));
+typedef float VecUnaligned __attribute__((vector_size(64), aligned(4), may_alias));
 typedef int32_t IntVec __attribute__((vector_size(64)));
 
 [[gnu::always_inline]] inline Vec Load(const float* p) { return *reinterpret_cast<const VecUnaligned*>(p); }

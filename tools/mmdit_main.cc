@@ -238,8 +238,8 @@ absl::Status Bench(const Flags& flags) {
     RETURN_IF_ERROR(engine->Forward(samples, &calls).status());
     double matmul_gflop = 0;
     for (const MatmulCall& call : calls) matmul_gflop += 2.0 * call.rows * call.in * call.out / 1e9;
-    // The roofline is oneDNN's matmul alone; the engine's own products (PanelGemm for small
-    // float32 ones) are timed too, for how much of the forward is not products.
+    // The roofline is oneDNN's matmul alone; the products as the engine runs them (on
+    // PanelGemm) are timed too, for how much of the forward is not products.
     ASSIGN_OR_RETURN(double matmul_ms, StandaloneMatmulMs(options.compute, calls, static_cast<int>(iters), false));
     ASSIGN_OR_RETURN(double products_ms, StandaloneMatmulMs(options.compute, calls, static_cast<int>(iters), true));
     result["matmuls"] = calls.size();

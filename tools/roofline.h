@@ -14,8 +14,8 @@ namespace mmdit {
 // each on its own freshly prepared weights (as in a forward, every product reads weights no
 // other product touched) through the same Linear adapter the engine uses, with the same
 // input and output dtypes (so a bf16 product converts a float32 input exactly where the
-// engine's does). `panel_gemm`: whether small float32 products may run on PanelGemm as in
-// the engine; false times oneDNN's matmul alone. Errors: Internal (oneDNN).
+// engine's does). `panel_gemm`: whether the products run on PanelGemm where the CPU has it,
+// as in the engine; false times oneDNN's matmul alone. Errors: Internal (oneDNN).
 absl::StatusOr<double> StandaloneMatmulMs(ComputeDType compute, absl::Span<const MatmulCall> calls, int iters,
                                           bool panel_gemm);
 
