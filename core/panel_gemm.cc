@@ -27,8 +27,8 @@ static_assert(kPanelVecs == 3);
 constexpr int64_t kDepthBlock = 1024;
 // Rows one run over the panels covers: each tile pass reads its rows' inputs for the current
 // block, so these (1024 rows x 1024 float inputs: 4 MB) should come from L2/L3 rather than
-// DRAM; larger products run in chunks, streaming the weights once per chunk (at 4096 rows
-// that was 2-5 % faster than one run).
+// DRAM; larger products run in chunks, streaming the weights once per chunk (at 4096 rows,
+// sd3-medium's shapes, 5 % faster than one run: gemm_bench's ratio to oneDNN 0.980 -> 1.027).
 constexpr int64_t kChunkRows = 1024;
 
 // Weights stream from DRAM while the multiply-adds run: every pass of a panel prefetches its
