@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "core/dtype.h"
@@ -36,15 +37,25 @@ Tensor NaiveLinear(const Tensor& x, const LinearWeights& w, bool gelu, bool bf16
   return y;
 }
 
-class LinearTest : public ::testing::TestWithParam<std::tuple<Epilogue, ComputeDType>> {};
+// A context whose Linears run on PanelGemm where the CPU has it (`panel_gemm`), or on
+// oneDNN's matmul, as on CPUs without it: every test below runs both.
+std::unique_ptr<DnnlContext> Context(ComputeDType compute, bool panel_gemm) {
+  auto context = DnnlContext::Create(compute);
+  EXPECT_TRUE(context.ok()) << context.status();
+  if (!context.ok()) return nullptr;
+  (*context)->use_panel_gemm = panel_gemm;
+  return *std::move(context);
+}
+
+class LinearTest : public ::testing::TestWithParam<std::tuple<Epilogue, ComputeDType, bool>> {};
 
 TEST_P(LinearTest, MatchesNaiveMatmulForEveryRowCount) {
-  const auto [epilogue, compute] = GetParam();
-  auto context = DnnlContext::Create(compute);
-  ASSERT_TRUE(context.ok()) << context.status();
+  const auto [epilogue, compute, panel_gemm] = GetParam();
+  auto context = Context(compute, panel_gemm);
+  ASSERT_NE(context, nullptr);
   const int64_t in = 48, out = 80;
   const LinearWeights weights{RandomTensor({out, in}, 1, 0.2f), RandomTensor({out}, 2)};
-  auto linear = Linear::Create(**context, weights, epilogue);
+  auto linear = Linear::Create(*context, weights, epilogue);
   ASSERT_TRUE(linear.ok()) << linear.status();
   EXPECT_EQ(linear->in_features(), in);
   EXPECT_EQ(linear->out_features(), out);
@@ -57,15 +68,17 @@ TEST_P(LinearTest, MatchesNaiveMatmulForEveryRowCount) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(EpiloguesAndDtypes, LinearTest,
+INSTANTIATE_TEST_SUITE_P(EpiloguesDtypesAndKernels, LinearTest,
                          ::testing::Combine(::testing::Values(Epilogue::kNone, Epilogue::kGeluTanh),
-                                            ::testing::Values(ComputeDType::kF32, ComputeDType::kBF16)));
+                                            ::testing::Values(ComputeDType::kF32, ComputeDType::kBF16),
+                                            ::testing::Bool()));
 
 struct PanelShape {
   int64_t in, out;
 };
 
-class PanelGemmLinearTest : public ::testing::TestWithParam<std::tuple<PanelShape, Epilogue, ComputeDType>> {};
+class PanelGemmLinearTest
+    : public ::testing::TestWithParam<std::tuple<PanelShape, Epilogue, ComputeDType, bool>> {};
 
 // Products run on our own kernel where the CPU has it (AVX-512; bf16 with AVX512_BF16 and an
 // even input width), else on oneDNN: against the naive product, across tile tails (rows not a
@@ -73,12 +86,12 @@ class PanelGemmLinearTest : public ::testing::TestWithParam<std::tuple<PanelShap
 // panel narrower than 48 columns, input widths off the packing's 16 or 32, and
 // pre-activations large enough to reach both of GELU's saturated ends.
 TEST_P(PanelGemmLinearTest, MatchesNaiveMatmul) {
-  const auto [shape, epilogue, compute] = GetParam();
+  const auto [shape, epilogue, compute, panel_gemm] = GetParam();
   const bool bf16 = compute == ComputeDType::kBF16;
-  auto context = DnnlContext::Create(compute);
-  ASSERT_TRUE(context.ok()) << context.status();
+  auto context = Context(compute, panel_gemm);
+  ASSERT_NE(context, nullptr);
   const LinearWeights weights{RandomTensor({shape.out, shape.in}, 1, 0.5f), RandomTensor({shape.out}, 2, 4.0f)};
-  auto linear = Linear::Create(**context, weights, epilogue);
+  auto linear = Linear::Create(*context, weights, epilogue);
   ASSERT_TRUE(linear.ok()) << linear.status();
   // Inputs over 1024 wide run in depth blocks, whose partial sums go through y: fewer rows
   // there, the naive product being slow.
@@ -111,23 +124,24 @@ INSTANTIATE_TEST_SUITE_P(ShapesAndEpilogues, PanelGemmLinearTest,
                                                               PanelShape{7, 1}, PanelShape{96, 144}, PanelShape{64, 48},
                                                               PanelShape{2100, 130}),
                                             ::testing::Values(Epilogue::kNone, Epilogue::kGeluTanh),
-                                            ::testing::Values(ComputeDType::kF32, ComputeDType::kBF16)));
+                                            ::testing::Values(ComputeDType::kF32, ComputeDType::kBF16),
+                                            ::testing::Bool()));
 
-class StackedLinearTest : public ::testing::TestWithParam<std::tuple<int64_t, ComputeDType>> {};
+class StackedLinearTest : public ::testing::TestWithParam<std::tuple<int64_t, ComputeDType, bool>> {};
 
 // CreateStacked equals one Linear over the parts' rows stacked, whether the parts start on
 // blocks of the packed layout (packed part by part) or not (stacked first).
 TEST_P(StackedLinearTest, EqualsTheLinearOfTheStackedWeights) {
-  const auto [part_rows, compute] = GetParam();
-  auto context = DnnlContext::Create(compute);
-  ASSERT_TRUE(context.ok()) << context.status();
+  const auto [part_rows, compute, panel_gemm] = GetParam();
+  auto context = Context(compute, panel_gemm);
+  ASSERT_NE(context, nullptr);
   const int64_t in = 48;
   std::vector<LinearWeights> parts;
   for (uint32_t p = 0; p < 3; ++p) {
     parts.push_back({RandomTensor({part_rows * (p + 1), in}, 10 + p, 0.2f), RandomTensor({part_rows * (p + 1)}, 20 + p)});
   }
   const LinearWeights stacked = StackOutputs(parts);
-  auto linear = Linear::CreateStacked(**context, parts);
+  auto linear = Linear::CreateStacked(*context, parts);
   ASSERT_TRUE(linear.ok()) << linear.status();
   EXPECT_EQ(linear->out_features(), 6 * part_rows);
   for (int64_t rows : {1, 8}) {
@@ -140,21 +154,22 @@ TEST_P(StackedLinearTest, EqualsTheLinearOfTheStackedWeights) {
 
 INSTANTIATE_TEST_SUITE_P(PartSizesAndDtypes, StackedLinearTest,
                          ::testing::Combine(::testing::Values(int64_t{48}, int64_t{64}, int64_t{7}),
-                                            ::testing::Values(ComputeDType::kF32, ComputeDType::kBF16)));
+                                            ::testing::Values(ComputeDType::kF32, ComputeDType::kBF16),
+                                            ::testing::Bool()));
 
-class FeedForwardTest : public ::testing::TestWithParam<ComputeDType> {};
+class FeedForwardTest : public ::testing::TestWithParam<std::tuple<ComputeDType, bool>> {};
 
 // Linear(GELU(Linear(x))); in bf16 the hidden rows are rounded to bf16 between the two, as
 // the engine keeps them.
 TEST_P(FeedForwardTest, MatchesNaiveLinearGeluLinear) {
-  const ComputeDType compute = GetParam();
+  const auto [compute, panel_gemm] = GetParam();
   const bool bf16 = compute == ComputeDType::kBF16;
-  auto context = DnnlContext::Create(compute);
-  ASSERT_TRUE(context.ok()) << context.status();
+  auto context = Context(compute, panel_gemm);
+  ASSERT_NE(context, nullptr);
   const int64_t dim = 32, hidden = 96;
   const LinearWeights in{RandomTensor({hidden, dim}, 4, 0.2f), RandomTensor({hidden}, 5)};
   const LinearWeights out{RandomTensor({dim, hidden}, 6, 0.2f), RandomTensor({dim}, 7)};
-  auto ff = FeedForward::Create(**context, in, out);
+  auto ff = FeedForward::Create(*context, in, out);
   ASSERT_TRUE(ff.ok()) << ff.status();
   EXPECT_EQ(ff->hidden_features(), hidden);
   for (int64_t rows : {1, 13, 13}) {
@@ -181,7 +196,8 @@ TEST(FeedForwardTest, Bf16LinearsRefuseTheFloat32Entry) {
   EXPECT_EQ(linear->Forward(x.data(), 1, y.data()).code(), absl::StatusCode::kInternal);
 }
 
-INSTANTIATE_TEST_SUITE_P(Dtypes, FeedForwardTest, ::testing::Values(ComputeDType::kF32, ComputeDType::kBF16));
+INSTANTIATE_TEST_SUITE_P(DtypesAndKernels, FeedForwardTest,
+                         ::testing::Combine(::testing::Values(ComputeDType::kF32, ComputeDType::kBF16), ::testing::Bool()));
 
 }  // namespace
 }  // namespace mmdit
