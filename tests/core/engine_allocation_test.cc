@@ -207,7 +207,7 @@ TEST(EngineMemory, LoadingInBf16NeverHoldsTheModelInFloat32) {
               static_cast<long long>(held >> 20));
   EXPECT_GE(held, bf16_weights * 9 / 10);  // the packed weights are what the measurement sees
   // Converting the whole file to float32 before packing would peak near 2x the bf16 weights
-  // (2.5x measured, with the file's pages): the model is read one tensor at a time, as it is
+  // (2.3x measured, with the file's pages): the model is read one tensor at a time, as it is
   // packed. Above the weights: the float32 tensor being packed and blocks glibc keeps, 1.12x
   // here; the 1.15x on full-size models is measured by bench (docs/performance.md).
   EXPECT_LE(peak, bf16_weights * 12 / 10);
