@@ -38,6 +38,7 @@ constexpr int64_t kChunkRows = 1024;
 constexpr int64_t kLookaheadSteps = 96;
 
 int64_t RoundUp(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
+int64_t ElementBytes(PanelDType dtype) { return dtype == PanelDType::kBF16 ? 2 : 4; }
 
 // GELU with the tanh approximation, 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi)
 // (x + 0.044715 x^3), through e^(-2|u|) so that the exponential's argument is never positive.
@@ -158,7 +159,7 @@ void PanelGemm(const PanelProduct& product) {
     // In chunks of equal size (a multiple of the tile), each streaming the weights once.
     const int64_t chunks = RoundUp(product.rows, kChunkRows) / kChunkRows;
     const int64_t chunk_rows = RoundUp(RoundUp(product.rows, chunks) / chunks, kTileRows);
-    const int64_t x_row_bytes = product.in * (product.dtype == PanelDType::kBF16 ? 2 : 4);
+    const int64_t x_row_bytes = product.in * ElementBytes(product.dtype);
     const int64_t y_row_bytes = product.out * (product.bf16_output ? 2 : 4);
     for (int64_t row = 0; row < product.rows; row += chunk_rows) {
       PanelProduct chunk = product;
@@ -173,7 +174,7 @@ void PanelGemm(const PanelProduct& product) {
   assert(!bf16 || product.in % 2 == 0);
   const TilePassFn* tile_passes = bf16 ? kTilePasses<PanelDType::kBF16> : kTilePasses<PanelDType::kF32>;
   const int64_t rows = product.rows, in = product.in, out = product.out;
-  const int64_t element_bytes = bf16 ? 2 : 4;
+  const int64_t element_bytes = ElementBytes(product.dtype);
   const int64_t steps = bf16 ? in / 2 : in;              // depth steps of 4 input bytes
   const int64_t block_steps = bf16 ? kDepthBlock / 2 : kDepthBlock;
   const int64_t depth_align = bf16 ? 32 : 16;  // BA16a48b2a blocks inputs by 16 pairs
