@@ -589,7 +589,7 @@ absl::StatusOr<std::vector<Tensor>> Engine::Forward(absl::Span<const SampleInput
   Carver carve(ws.conditioning,
                n_batch * (3 * d + kTimestepFeatures + c.pooled_projection_dim + modulation_width));
   const int64_t scratch =
-      AttentionScratchFloats(ws.sequence_lengths, c.num_attention_heads, c.attention_head_dim, omp_get_max_threads());
+      AttentionScratchFloats(ws.sequence_lengths, c.attention_head_dim, omp_get_max_threads());
   if (static_cast<int64_t>(ws.attention_scratch.size()) < scratch) ws.attention_scratch.resize(scratch);
   float* conditioning = carve.Take(n_batch * d);
   float* conditioning_scratch = carve.Take(n_batch * (2 * d + kTimestepFeatures + c.pooled_projection_dim));

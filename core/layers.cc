@@ -20,14 +20,13 @@ using simd::Load;
 using simd::Store;
 using simd::Vec;
 
-// Attention (see Attention below) works in tasks of up to kQueryTile query rows of one
-// sequence and head: enough rows that a task reuses the head's packed keys and values from
-// cache, few enough that short sequences still split across threads. Within a task, rows go
-// kRowGroup at a time, so a thread's scores are only kRowGroup rows long.
-constexpr int64_t kQueryTile = 32;
-// Query rows and key columns one micro-kernel step holds in registers.
-constexpr int kRowGroup = 4;
+// Attention (see Attention below) works in tasks of one sequence and head, or of part of its
+// query rows when heads are too few to share among the threads. A task's thread packs the
+// head's keys and values into its own scratch, where they stay in cache for every query row.
+// Within a task, rows go kRowGroup at a time, so a thread's scores are only kRowGroup rows long.
+constexpr int kRowGroup = 8;       // query rows one micro-kernel step holds in registers
 constexpr int64_t kKeyBlock = 32;  // key columns per score step: two Vecs
+constexpr int64_t kTasksPerThread = 4;  // at least, where heads are few: splits them by query rows
 
 // Where the j-th row of a sequence lives.
 struct RowRef {
@@ -42,11 +41,12 @@ RowRef Locate(const AttentionSequence& seq, int64_t j) {
 
 int64_t RoundUp(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
 
-// One sequence and head's keys and values, packed so the kernels read them with unit
-// stride: keys transposed and pre-scaled by 1/sqrt(hd), key_t[e * padded_length + j]
-// (columns past the length are zero); values[j * padded_dim + e] (features past hd zero).
+// One sequence and head's keys and values, packed so the kernels read them with unit stride.
+// Keys are pre-scaled by 1/sqrt(hd) and transposed in blocks of kKeyBlock columns:
+// key_blocks[(j / kKeyBlock) * hd * kKeyBlock + e * kKeyBlock + j % kKeyBlock], zero past the
+// length. values[j * padded_dim + e], zero past hd.
 struct PackedHead {
-  float* key_t;
+  float* key_blocks;
   float* values;
   int64_t length, padded_length, head_dim, padded_dim;
 };
@@ -55,78 +55,145 @@ int64_t PackedHeadFloats(int64_t length, int64_t head_dim) {
   return head_dim * RoundUp(length, kKeyBlock) + length * RoundUp(head_dim, kVector);
 }
 
-void PackHead(const AttentionSequence& seq, int64_t head_offset, int64_t input_stride, float scale, PackedHead& packed) {
-  std::fill_n(packed.key_t, packed.head_dim * packed.padded_length, 0.0f);
-  for (int64_t j = 0; j < packed.length; ++j) {
-    const RowRef ref = Locate(seq, j);
-    const float* k = ref.segment->k + ref.row * input_stride + head_offset;
-    const float* v = ref.segment->v + ref.row * input_stride + head_offset;
-    for (int64_t e = 0; e < packed.head_dim; ++e) packed.key_t[e * packed.padded_length + j] = k[e] * scale;
-    float* value_row = packed.values + j * packed.padded_dim;
-    std::copy_n(v, packed.head_dim, value_row);
-    std::fill(value_row + packed.head_dim, value_row + packed.padded_dim, 0.0f);
+// A thread's scratch for sequences up to `max_length`: one packed head, then kRowGroup rows of
+// scores.
+int64_t ThreadScratchFloats(int64_t max_length, int64_t head_dim) {
+  return PackedHeadFloats(max_length, head_dim) + kRowGroup * RoundUp(max_length, kKeyBlock);
+}
+
+PackedHead PackedHeadIn(float* scratch, int64_t length, int64_t head_dim) {
+  const int64_t padded_length = RoundUp(length, kKeyBlock);
+  return {scratch, scratch + head_dim * padded_length, length, padded_length, head_dim, RoundUp(head_dim, kVector)};
+}
+
+// Sixteen rows of sixteen floats transposed in registers (rows[i][l] becomes rows[l][i]): the
+// off-diagonal blocks of 8, then of 4, 2 and 1 lanes swap places, one two-source shuffle each.
+[[gnu::always_inline]] inline void Transpose16(Vec* rows) {
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; i += (i & 7) == 7 ? 9 : 1) {
+    const Vec a = rows[i], b = rows[i + 8];
+    rows[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    rows[i + 8] = __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; i += (i & 3) == 3 ? 5 : 1) {
+    const Vec a = rows[i], b = rows[i + 4];
+    rows[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+    rows[i + 4] = __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; i += (i & 1) ? 3 : 1) {
+    const Vec a = rows[i], b = rows[i + 2];
+    rows[i] = __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+    rows[i + 2] = __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; i += 2) {
+    const Vec a = rows[i], b = rows[i + 1];
+    rows[i] = __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+    rows[i + 1] = __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
   }
 }
 
-// scores[r][j] = q_r . key_j (scaled) for kRows query rows and all padded key columns;
-// returns nothing, the caller reduces. kRows query rows at a time share every key load.
+// Packs one sequence and head's keys and values (PackedHead), sixteen keys at a time: their
+// key rows are transposed in registers, sixteen features at a time. The source rows are a
+// fused q/k/v projection's output, far apart and in L3 by now, so the next sixteen rows'
+// lines are prefetched while these are packed.
+[[gnu::always_inline]] inline void PackHeadBody(const AttentionSequence& seq, int64_t head_offset,
+                                                int64_t input_stride, float key_scale, const PackedHead& packed) {
+  const int64_t hd = packed.head_dim, whole = hd / kVector * kVector;
+  auto row_of = [&](int64_t j, const float* AttentionSegment::*column) {
+    const RowRef ref = Locate(seq, j);
+    return ref.segment->*column + ref.row * input_stride + head_offset;
+  };
+  const Vec scale = Broadcast(key_scale);
+  for (int64_t j0 = 0; j0 < packed.padded_length; j0 += kVector) {
+    for (int64_t j = j0 + kVector; j < std::min(j0 + 2 * kVector, packed.length); ++j) {
+      for (int64_t e = 0; e < hd; e += kVector) {
+        __builtin_prefetch(row_of(j, &AttentionSegment::k) + e);
+        __builtin_prefetch(row_of(j, &AttentionSegment::v) + e);
+      }
+    }
+    const int64_t keys = std::clamp<int64_t>(packed.length - j0, 0, kVector);  // the rest is padding
+    const float* k[kVector];
+    for (int64_t c = 0; c < keys; ++c) k[c] = row_of(j0 + c, &AttentionSegment::k);
+    float* columns = packed.key_blocks + (j0 / kKeyBlock) * hd * kKeyBlock + j0 % kKeyBlock;
+    for (int64_t e0 = 0; e0 < whole; e0 += kVector) {
+      Vec block[kVector];
+      for (int64_t c = 0; c < kVector; ++c) block[c] = c < keys ? Load(k[c] + e0) * scale : Vec{};
+      Transpose16(block);
+      for (int64_t e = 0; e < kVector; ++e) Store(columns + (e0 + e) * kKeyBlock, block[e]);
+    }
+    for (int64_t e = whole; e < hd; ++e) {
+      for (int64_t c = 0; c < kVector; ++c) columns[e * kKeyBlock + c] = c < keys ? k[c][e] * key_scale : 0.0f;
+    }
+    for (int64_t j = j0; j < j0 + keys; ++j) {
+      const float* v = row_of(j, &AttentionSegment::v);
+      float* value_row = packed.values + j * packed.padded_dim;
+      int64_t e = 0;
+      for (; e < whole; e += kVector) Store(value_row + e, Load(v + e));
+      for (; e < hd; ++e) value_row[e] = v[e];
+      for (; e < packed.padded_dim; ++e) value_row[e] = 0.0f;
+    }
+  }
+}
+
+// Lane indices, to mask the key columns past a sequence's end.
+const Vec kLaneIndex = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+// scores[r][j] = q_r . key_j (scaled) for kRows query rows and all padded key columns, -inf
+// past the length; row_max[r] gets row r's maximum in every lane. kRows query rows at a time
+// share every key load.
 template <int kRows>
 [[gnu::always_inline]] inline void ScoreRows(const float* const* q, const PackedHead& kv, float* scores,
-                                             int64_t scores_stride) {
+                                             int64_t scores_stride, Vec* row_max) {
+  for (int r = 0; r < kRows; ++r) row_max[r] = Broadcast(-INFINITY);
   for (int64_t j = 0; j < kv.padded_length; j += kKeyBlock) {
     Vec acc[kRows][2] = {};
-    const float* key_column = kv.key_t + j;
-    for (int64_t e = 0; e < kv.head_dim; ++e, key_column += kv.padded_length) {
-      const Vec k0 = Load(key_column), k1 = Load(key_column + kVector);
+    const float* key = kv.key_blocks + j * kv.head_dim;
+    for (int64_t e = 0; e < kv.head_dim; ++e, key += kKeyBlock) {
+      const Vec k0 = Load(key), k1 = Load(key + kVector);
       for (int r = 0; r < kRows; ++r) {
         const Vec qe = Broadcast(q[r][e]);
         acc[r][0] += qe * k0;
         acc[r][1] += qe * k1;
       }
     }
+    if (j + kKeyBlock > kv.length) {  // the last block: its padding must not raise the maximum
+      const Vec valid = Broadcast(static_cast<float>(kv.length - j));
+      const Vec minus_infinity = Broadcast(-INFINITY);
+      for (int r = 0; r < kRows; ++r) {
+        acc[r][0] = kLaneIndex < valid ? acc[r][0] : minus_infinity;
+        acc[r][1] = kLaneIndex + kVector < valid ? acc[r][1] : minus_infinity;
+      }
+    }
     for (int r = 0; r < kRows; ++r) {
       Store(scores + r * scores_stride + j, acc[r][0]);
       Store(scores + r * scores_stride + j + kVector, acc[r][1]);
+      row_max[r] = simd::Max(row_max[r], simd::Max(acc[r][0], acc[r][1]));
     }
   }
+  for (int r = 0; r < kRows; ++r) row_max[r] = simd::AllLanesMax(row_max[r]);
 }
 
-// In place over one row of `length` scores: p_j = exp(s_j - max); returns sum_j p_j.
-[[gnu::always_inline]] inline float SoftmaxNumerators(float* scores, int64_t length) {
-  // The maximum sixteen lanes at a time: a scalar loop is one long chain of dependent maxes
-  // (GCC does not vectorise it: the order matters for NaN), as slow as the row's products.
-  Vec lane_max = Broadcast(-INFINITY);
-  int64_t j = 0;
-  for (; j + kVector <= length; j += kVector) {
-    const Vec s = Load(scores + j);
-    lane_max = s > lane_max ? s : lane_max;
-  }
-  float max_score = -INFINITY;
-  for (int64_t e = 0; e < kVector; ++e) max_score = std::max(max_score, lane_max[e]);
-  for (; j < length; ++j) max_score = std::max(max_score, scores[j]);
+// In place over one row of padded scores: p_j = exp(s_j - max); returns sum_j p_j in every
+// lane. Padding (-inf) becomes e^-87 (ExpNonPositive's floor): the row's maximum contributes
+// 1 to the sum, so 31 such terms cannot change it.
+[[gnu::always_inline]] inline Vec SoftmaxNumerators(float* scores, int64_t padded_length, Vec max_score) {
   Vec sum = {};
-  for (j = 0; j + kVector <= length; j += kVector) {
+  for (int64_t j = 0; j < padded_length; j += kVector) {
     const Vec p = ExpNonPositive(Load(scores + j) - max_score);
     Store(scores + j, p);
     sum += p;
   }
-  float total = 0.0f;
-  for (int64_t e = 0; e < kVector; ++e) total += sum[e];
-  if (j < length) {  // the tail, through a copy padded with the maximum (e^0 lanes, unused)
-    float tail[kVector];
-    std::fill_n(tail, kVector, max_score);
-    std::copy(scores + j, scores + length, tail);
-    const Vec p = ExpNonPositive(Load(tail) - max_score);
-    for (int64_t e = 0; e < length - j; ++e) total += (scores[j + e] = p[e]);
-  }
-  return total;
+  return simd::AllLanesSum(sum);
 }
 
-// out_r[e0, e0 + 16 kVecs) = sum_j p_r[j] v_j[...] for kRows rows: each value load feeds
-// kRows rows. Scaled by 1/sum_r and written as the rows' first `width` features of the chunk.
+// out_r[e0, e0 + 16 kVecs) = sum_j p_r[j] v_j[...] / sum_r for kRows rows: each value load
+// feeds kRows rows. Written as the rows' first `width` features of the chunk.
 template <int kRows, int kVecs>
 [[gnu::always_inline]] inline void WeightedValues(const float* scores, int64_t scores_stride, const PackedHead& kv,
-                                                  int64_t e0, const float* inv_sum, float* const* out) {
+                                                  int64_t e0, const Vec* inv_sum, float* const* out) {
   Vec acc[kRows][kVecs] = {};
   const float* value = kv.values + e0;
   for (int64_t j = 0; j < kv.length; ++j, value += kv.padded_dim) {
@@ -139,18 +206,24 @@ template <int kRows, int kVecs>
   }
   const int64_t width = std::min<int64_t>(kVecs * kVector, kv.head_dim - e0);
   for (int r = 0; r < kRows; ++r) {
-    float row[kVecs * kVector];
+    if (width == kVecs * kVector) {
+      for (int c = 0; c < kVecs; ++c) Store(out[r] + e0 + c * kVector, acc[r][c] * inv_sum[r]);
+      continue;
+    }
+    float row[kVecs * kVector];  // the head's last, partial chunk
     for (int c = 0; c < kVecs; ++c) Store(row + c * kVector, acc[r][c] * inv_sum[r]);
-    std::copy_n(row, width, out[r] + e0);
+    for (int64_t e = 0; e < width; ++e) out[r][e0 + e] = row[e];
   }
 }
 
 template <int kRows>
 [[gnu::always_inline]] inline void WeightedValueRows(const float* scores, int64_t scores_stride, const PackedHead& kv,
-                                                     const float* inv_sum, float* const* out) {
+                                                     const Vec* inv_sum, float* const* out) {
+  // Chunks of 16 kWide features: kRows * kWide accumulators, at most 16 of the 32 registers.
+  constexpr int kWide = kRows > 4 ? 2 : 4;
   int64_t e0 = 0;
-  for (; e0 + 4 * kVector <= kv.padded_dim; e0 += 4 * kVector) {
-    WeightedValues<kRows, 4>(scores, scores_stride, kv, e0, inv_sum, out);
+  for (; e0 + kWide * kVector <= kv.padded_dim; e0 += kWide * kVector) {
+    WeightedValues<kRows, kWide>(scores, scores_stride, kv, e0, inv_sum, out);
   }
   switch ((kv.padded_dim - e0) / kVector) {
     case 3: WeightedValues<kRows, 3>(scores, scores_stride, kv, e0, inv_sum, out); break;
@@ -171,21 +244,36 @@ template <int kRows>
     q[r] = ref.segment->q + ref.row * strides.input + head_offset;
     out[r] = ref.segment->out + ref.row * strides.output + head_offset;
   }
-  ScoreRows<kRows>(q, kv, scores, kv.padded_length);
-  float inv_sum[kRows];
-  for (int r = 0; r < kRows; ++r) inv_sum[r] = 1.0f / SoftmaxNumerators(scores + r * kv.padded_length, kv.length);
+  Vec row_max[kRows], inv_sum[kRows];
+  ScoreRows<kRows>(q, kv, scores, kv.padded_length, row_max);
+  for (int r = 0; r < kRows; ++r) {
+    inv_sum[r] = 1.0f / SoftmaxNumerators(scores + r * kv.padded_length, kv.padded_length, row_max[r]);
+  }
   WeightedValueRows<kRows>(scores, kv.padded_length, kv, inv_sum, out);
 }
 
-// Query rows [q_begin, q_end) of one sequence and head against its packed keys and values.
-// `scores` holds kRowGroup * padded_length floats. Inlined into one copy per instruction
-// set (see kAttendTile).
-[[gnu::always_inline]] inline void AttendTileBody(const AttentionSequence& seq, const PackedHead& kv,
-                                                  int64_t head_offset, const AttentionStrides& strides, int64_t q_begin,
-                                                  int64_t q_end, float* scores) {
-  int64_t i = q_begin;
-  for (; i + kRowGroup <= q_end; i += kRowGroup) AttendRows<kRowGroup>(seq, kv, head_offset, strides, i, scores);
-  for (; i < q_end; ++i) AttendRows<1>(seq, kv, head_offset, strides, i, scores);
+// One task of Attention: query rows [q_begin, q_end) of one sequence and head, against its
+// keys and values in `kv`, which the task first packs if `pack` (a thread reuses the head it
+// packed for its previous task). `scores` holds kRowGroup * kv.padded_length floats.
+struct AttentionTask {
+  const AttentionSequence* seq;
+  int64_t head_offset;
+  AttentionStrides strides;
+  float key_scale;
+  bool pack;
+  PackedHead kv;
+  int64_t q_begin, q_end;
+  float* scores;
+};
+
+// Inlined into one copy per instruction set (see kAttendTask).
+[[gnu::always_inline]] inline void AttendTaskBody(const AttentionTask& t) {
+  if (t.pack) PackHeadBody(*t.seq, t.head_offset, t.strides.input, t.key_scale, t.kv);
+  int64_t i = t.q_begin;
+  for (; i + kRowGroup <= t.q_end; i += kRowGroup) {
+    AttendRows<kRowGroup>(*t.seq, t.kv, t.head_offset, t.strides, i, t.scores);
+  }
+  for (; i < t.q_end; ++i) AttendRows<1>(*t.seq, t.kv, t.head_offset, t.strides, i, t.scores);
 }
 
 // float32 to bf16 bits, rounding to nearest even; NaN stays NaN (as FloatToBFloat16).
@@ -216,23 +304,13 @@ template <typename Out>
 
 // Run-time dispatch for the two hot loops of our own: AVX-512, AVX2+FMA, or baseline x86-64,
 // picked once from the CPU (simd.h).
-using AttendTileFn = void (*)(const AttentionSequence&, const PackedHead&, int64_t, const AttentionStrides&, int64_t,
-                              int64_t, float*);
+using AttendTaskFn = void (*)(const AttentionTask&);
 template <typename Out>
 using LayerNormRowFn = void (*)(const float*, int64_t, const float*, const float*, Out*);
 
-[[MMDIT_TARGET_AVX512]] void AttendTileAvx512(const AttentionSequence& seq, const PackedHead& kv, int64_t head_offset,
-    const AttentionStrides& strides, int64_t q_begin, int64_t q_end, float* scores) {
-  AttendTileBody(seq, kv, head_offset, strides, q_begin, q_end, scores);
-}
-[[MMDIT_TARGET_AVX2]] void AttendTileAvx2(const AttentionSequence& seq, const PackedHead& kv, int64_t head_offset,
-    const AttentionStrides& strides, int64_t q_begin, int64_t q_end, float* scores) {
-  AttendTileBody(seq, kv, head_offset, strides, q_begin, q_end, scores);
-}
-void AttendTileBaseline(const AttentionSequence& seq, const PackedHead& kv, int64_t head_offset,
-    const AttentionStrides& strides, int64_t q_begin, int64_t q_end, float* scores) {
-  AttendTileBody(seq, kv, head_offset, strides, q_begin, q_end, scores);
-}
+[[MMDIT_TARGET_AVX512]] void AttendTaskAvx512(const AttentionTask& task) { AttendTaskBody(task); }
+[[MMDIT_TARGET_AVX2]] void AttendTaskAvx2(const AttentionTask& task) { AttendTaskBody(task); }
+void AttendTaskBaseline(const AttentionTask& task) { AttendTaskBody(task); }
 template <typename Out>
 [[MMDIT_TARGET_AVX512]] void LayerNormRowAvx512(const float* x, int64_t dim,
                                                                                        const float* shift,
@@ -250,9 +328,9 @@ void LayerNormRowBaseline(const float* x, int64_t dim, const float* shift, const
 }
 
 const Isa kIsa = simd::CpuIsa();
-const AttendTileFn kAttendTile = kIsa == Isa::kAvx512 ? AttendTileAvx512
-                                 : kIsa == Isa::kAvx2 ? AttendTileAvx2
-                                                      : AttendTileBaseline;
+const AttendTaskFn kAttendTask = kIsa == Isa::kAvx512 ? AttendTaskAvx512
+                                 : kIsa == Isa::kAvx2 ? AttendTaskAvx2
+                                                      : AttendTaskBaseline;
 // A function, not a variable template: instances of a variable template have no defined
 // initialisation order relative to kIsa.
 template <typename Out>
@@ -373,73 +451,41 @@ void AddCroppedPositions(const float* table, int64_t table_size, int64_t grid_h,
   }
 }
 
-namespace {
-
-// Scratch for packed heads totalling `packed_floats` plus each thread's scores.
-int64_t ScratchFloats(int64_t packed_floats, int64_t max_length, int threads) {
-  return packed_floats + threads * kRowGroup * RoundUp(max_length, kKeyBlock);
-}
-
-// Sequence s, head h's packed keys and values in `scratch`: every sequence's heads, one after
-// another. Found by a scan rather than kept in a table, so that Attention allocates nothing.
-PackedHead PackedHeadAt(absl::Span<const AttentionSequence> sequences, size_t s, int64_t h, int64_t heads,
-                        int64_t head_dim, float* scratch) {
-  float* at = scratch;
-  for (size_t i = 0; i < s; ++i) at += heads * PackedHeadFloats(sequences[i].length(), head_dim);
-  const int64_t length = sequences[s].length(), padded_length = RoundUp(length, kKeyBlock);
-  at += h * PackedHeadFloats(length, head_dim);
-  return {at, at + head_dim * padded_length, length, padded_length, head_dim, RoundUp(head_dim, kVector)};
-}
-
-}  // namespace
-
-int64_t AttentionScratchFloats(absl::Span<const int64_t> lengths, int64_t heads, int64_t head_dim, int threads) {
-  int64_t packed = 0, max_length = 0;
-  for (int64_t length : lengths) {
-    packed += heads * PackedHeadFloats(length, head_dim);
-    max_length = std::max(max_length, length);
-  }
-  return ScratchFloats(packed, max_length, threads);
+int64_t AttentionScratchFloats(absl::Span<const int64_t> lengths, int64_t head_dim, int threads) {
+  int64_t max_length = 0;
+  for (int64_t length : lengths) max_length = std::max(max_length, length);
+  return threads * ThreadScratchFloats(max_length, head_dim);
 }
 
 void Attention(absl::Span<const AttentionSequence> sequences, int64_t heads, int64_t head_dim,
                const AttentionStrides& strides, absl::Span<float> scratch) {
-  // Scratch: every (sequence, head)'s packed keys and values, then each thread's scores.
-  int64_t packed_floats = 0, max_length = 0;
-  for (const AttentionSequence& seq : sequences) {
-    packed_floats += heads * PackedHeadFloats(seq.length(), head_dim);
-    max_length = std::max(max_length, seq.length());
-  }
-  assert(static_cast<int64_t>(scratch.size()) >= ScratchFloats(packed_floats, max_length, omp_get_max_threads()));
-  float* const thread_scores = scratch.data() + packed_floats;
-  const int64_t scores_floats = kRowGroup * RoundUp(max_length, kKeyBlock);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  int64_t max_length = 0;
+  for (const AttentionSequence& seq : sequences) max_length = std::max(max_length, seq.length());
+  const int threads = omp_get_max_threads();
+  const int64_t thread_floats = ThreadScratchFloats(max_length, head_dim);
+  assert(static_cast<int64_t>(scratch.size()) >= threads * thread_floats);
+  const float key_scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
 
-  // Tasks: (sequence, head, query tile), numbered sequence by sequence, so that a batch of
-  // short sequences still spreads over all threads. Mapped back by a scan: batches are small.
-  auto tiles = [](int64_t length) { return (length + kQueryTile - 1) / kQueryTile; };
-  int64_t total_tasks = 0;
-  for (const AttentionSequence& seq : sequences) total_tasks += heads * tiles(seq.length());
+  // Tasks: (sequence, head, part of its query rows). One part per head when there are enough
+  // heads to keep every thread busy; when heads are few (one long sequence on many threads),
+  // each is split, and every thread working on a head packs its own copy.
   const int64_t total_heads = static_cast<int64_t>(sequences.size()) * heads;
+  const int64_t parts = std::max<int64_t>(1, (kTasksPerThread * threads + total_heads - 1) / total_heads);
 #pragma omp parallel
   {
-#pragma omp for schedule(static)
-    for (int64_t sh = 0; sh < total_heads; ++sh) {
-      PackedHead kv = PackedHeadAt(sequences, sh / heads, sh % heads, heads, head_dim, scratch.data());
-      PackHead(sequences[sh / heads], (sh % heads) * head_dim, strides.input, scale, kv);
-    }
-    float* scores = thread_scores + omp_get_thread_num() * scores_floats;
+    float* const mine = scratch.data() + omp_get_thread_num() * thread_floats;
+    int64_t packed_head = -1;  // the (sequence, head) this thread's scratch holds
 #pragma omp for schedule(dynamic)
-    for (int64_t task = 0; task < total_tasks; ++task) {
-      int64_t local = task;
-      size_t s = 0;
-      while (local >= heads * tiles(sequences[s].length())) local -= heads * tiles(sequences[s++].length());
-      const int64_t length = sequences[s].length();
-      const int64_t head = local / tiles(length);
-      const int64_t q_begin = (local % tiles(length)) * kQueryTile;
-      const int64_t q_end = std::min(q_begin + kQueryTile, length);
-      const PackedHead kv = PackedHeadAt(sequences, s, head, heads, head_dim, scratch.data());
-      kAttendTile(sequences[s], kv, head * head_dim, strides, q_begin, q_end, scores);
+    for (int64_t task = 0; task < total_heads * parts; ++task) {
+      const int64_t sequence_head = task / parts, part = task % parts;
+      const AttentionSequence& seq = sequences[sequence_head / heads];
+      const int64_t head_offset = (sequence_head % heads) * head_dim, length = seq.length();
+      const int64_t part_rows = RoundUp((length + parts - 1) / parts, kRowGroup);
+      const int64_t q_begin = std::min(part * part_rows, length), q_end = std::min(q_begin + part_rows, length);
+      if (q_begin == q_end) continue;
+      kAttendTask({&seq, head_offset, strides, key_scale, packed_head != sequence_head,
+                   PackedHeadIn(mine, length, head_dim), q_begin, q_end, mine + PackedHeadFloats(max_length, head_dim)});
+      packed_head = sequence_head;
     }
   }
 }

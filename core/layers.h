@@ -78,14 +78,15 @@ struct AttentionStrides {
   int64_t input, output;
 };
 
-// Floats of scratch Attention needs for sequences of these lengths on `threads` threads.
-int64_t AttentionScratchFloats(absl::Span<const int64_t> lengths, int64_t heads, int64_t head_dim, int threads);
+// Floats of scratch Attention needs for sequences of these lengths on `threads` threads
+// (each thread packs one head at a time, so the head count does not enter).
+int64_t AttentionScratchFloats(absl::Span<const int64_t> lengths, int64_t head_dim, int threads);
 
 // For every sequence and head (features [h*hd, (h+1)*hd)): out = softmax(Q K^T / sqrt(hd)) V,
-// no mask. `scratch` holds AttentionScratchFloats(the sequences' lengths, heads, head_dim,
-// omp_get_max_threads()) floats. Keys and values are packed per head first; query rows then
-// run in register-blocked tiles with a vectorised exp, and only a few rows of scores exist
-// at a time (never an [L, L] matrix).
+// no mask. `scratch` holds AttentionScratchFloats(the sequences' lengths, head_dim,
+// omp_get_max_threads()) floats. A thread packs a head's keys and values into its own part of
+// the scratch, where they stay in cache while its query rows run in register-blocked groups
+// with a vectorised exp; only a few rows of scores exist at a time (never an [L, L] matrix).
 void Attention(absl::Span<const AttentionSequence> sequences, int64_t heads, int64_t head_dim,
                const AttentionStrides& strides, absl::Span<float> scratch);
 

@@ -30,6 +30,22 @@ typedef int32_t IntVec __attribute__((vector_size(64)));
   return __builtin_shufflevector(lane0, lane0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
 }
 
+// Every lane = the maximum / the sum of v's lanes: a butterfly of lane swaps at distance
+// 8, 4, 2, 1, so the result needs no scalar extraction and no lane-by-lane chain.
+[[gnu::always_inline]] inline Vec Max(Vec a, Vec b) { return a > b ? a : b; }
+[[gnu::always_inline]] inline Vec AllLanesMax(Vec v) {
+  v = Max(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  v = Max(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  v = Max(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  return Max(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+}
+[[gnu::always_inline]] inline Vec AllLanesSum(Vec v) {
+  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  return v + __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+}
+
 // e^x for x <= 0 (softmax arguments after the row maximum is subtracted), below 2 ulp:
 // x = n ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial, times 2^n built in
 // the exponent bits. Arguments under -87 flush to e^-87 (~1e-38): a zero softmax weight at

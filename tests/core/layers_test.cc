@@ -246,7 +246,7 @@ TEST_P(AttentionTest, MatchesNaiveSoftmaxOverConcatenatedSegments) {
   alone.num_segments = 1;
   const int64_t lengths[] = {nt + ni, ns};
   // Poisoned scratch: the kernel must not read what it did not write.
-  std::vector<float> scratch(AttentionScratchFloats(lengths, heads, hd, omp_get_max_threads()), NAN);
+  std::vector<float> scratch(AttentionScratchFloats(lengths, hd, omp_get_max_threads()), NAN);
   const AttentionSequence sequences[] = {joint, alone};
   Attention(sequences, heads, hd, {3 * dim, dim}, absl::MakeSpan(scratch));
 
@@ -266,7 +266,10 @@ INSTANTIATE_TEST_SUITE_P(
                       AttentionCase{2, 64, 13, 100, 33, 1.0f, kTolerance},  // SD3's head dim; rows not 4k
                       AttentionCase{2, 72, 3, 61, 1, 1.0f, kTolerance},     // 4 + 1 value vectors; one-row sequence
                       AttentionCase{1, 20, 1, 1, 2, 1.0f, kTolerance},      // two-row sequences: mostly padding
-                      AttentionCase{2, 16, 7, 90, 17, 6.0f, 5e-5}));        // sharp softmax: exp far into its range
+                      AttentionCase{2, 16, 7, 90, 17, 6.0f, 5e-5},          // sharp softmax: exp far into its range
+                      // One head: fewer heads than tasks, so each sequence's query rows split
+                      // over several tasks, each packing the head for itself.
+                      AttentionCase{1, 64, 40, 300, 50, 1.0f, kTolerance}));
 
 TEST(ExpInAttention, OneHotSoftmaxFromAVeryLargeScore) {
   // One key scores ~1e4 above the rest: every other weight underflows to zero, and the
@@ -279,7 +282,7 @@ TEST(ExpInAttention, OneHotSoftmaxFromAVeryLargeScore) {
   seq.segments[0] = {q.data.data(), k.data.data(), v.data.data(), out.data.data(), rows};
   seq.num_segments = 1;
   const int64_t lengths[] = {rows};
-  std::vector<float> scratch(AttentionScratchFloats(lengths, 1, hd, omp_get_max_threads()));
+  std::vector<float> scratch(AttentionScratchFloats(lengths, hd, omp_get_max_threads()));
   Attention({&seq, 1}, 1, hd, {hd, hd}, absl::MakeSpan(scratch));
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t e = 0; e < hd; ++e) EXPECT_EQ(out.data[r * hd + e], v.data[1 * hd + e]);
