@@ -483,7 +483,7 @@ void JointAttention(Pass& pass) {
     sequences[b].segments[1] = SegmentOf(pass.image, b, d);
     sequences[b].num_segments = 2;
   }
-  Attention(sequences, pass.config.num_attention_heads, pass.config.attention_head_dim, {3 * d, d},
+  Attention(sequences, pass.config.num_attention_heads, pass.config.attention_head_dim, {3 * d, d}, pass.compute,
             pass.attention_scratch);
 }
 
@@ -514,7 +514,7 @@ absl::Status DualSelfAttention(Pass& pass, SelfAttentionBlock& w, AdaLnSite site
     sequences[b].segments[0] = SegmentOf(s, b, c.hidden());
     sequences[b].num_segments = 1;
   }
-  Attention(sequences, c.num_attention_heads, c.attention_head_dim, {3 * c.hidden(), c.hidden()},
+  Attention(sequences, c.num_attention_heads, c.attention_head_dim, {3 * c.hidden(), c.hidden()}, pass.compute,
             pass.attention_scratch);
   RETURN_IF_ERROR(w.out.Forward(s.attended, s.total, s.projected));
   GateIntoResidual(s, s.projected, site, c.hidden());

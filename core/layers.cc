@@ -6,6 +6,7 @@
 #include <bit>
 #include <cassert>
 #include <cmath>
+#include <type_traits>
 
 #include "core/simd.h"
 
@@ -20,6 +21,30 @@ using simd::Load;
 using simd::Store;
 using simd::Vec;
 
+// float32 to bf16 bits, rounding to nearest even; NaN stays NaN (as FloatToBFloat16).
+typedef uint32_t UintVec __attribute__((vector_size(64)));
+typedef uint16_t Bf16Vec __attribute__((vector_size(32), aligned(2), may_alias));
+template <typename Bits>
+[[gnu::always_inline]] inline auto ToBf16Bits(Bits bits) {
+  const Bits rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const Bits quiet_nan = (bits >> 16) | 0x40u;
+  return (bits & 0x7FFFFFFFu) > 0x7F800000u ? quiet_nan : rounded;
+}
+[[gnu::always_inline]] inline void StoreAs(float value, float* out) { *out = value; }
+[[gnu::always_inline]] inline void StoreAs(float value, uint16_t* out) {
+  *out = static_cast<uint16_t>(ToBf16Bits(std::bit_cast<uint32_t>(value)));
+}
+[[gnu::always_inline]] inline void StoreAs(Vec value, float* out) { Store(out, value); }
+[[gnu::always_inline]] inline void StoreAs(Vec value, uint16_t* out) {
+  *reinterpret_cast<Bf16Vec*>(out) = __builtin_convertvector(ToBf16Bits(reinterpret_cast<UintVec>(value)), Bf16Vec);
+}
+// Sixteen bf16 pairs: lane l holds `low`'s lane l rounded to bf16 in its low half and
+// `high`'s in its high half, as `vdpbf16ps` reads a pair.
+[[gnu::always_inline]] inline Vec Bf16Pairs(Vec low, Vec high) {
+  return reinterpret_cast<Vec>(ToBf16Bits(reinterpret_cast<UintVec>(low)) |
+                               (ToBf16Bits(reinterpret_cast<UintVec>(high)) << 16));
+}
+
 // Attention (see Attention below) works in tasks of one sequence and head, or of part of its
 // query rows when heads are too few to share among the threads. A task's thread packs the
 // head's keys and values into its own scratch, where they stay in cache for every query row.
@@ -27,6 +52,21 @@ using simd::Vec;
 constexpr int kRowGroup = 8;       // query rows one micro-kernel step holds in registers
 constexpr int64_t kKeyBlock = 32;  // key columns per score step: two Vecs
 constexpr int64_t kTasksPerThread = 4;  // at least, where heads are few: splits them by query rows
+
+// Attention's two products run in steps of 4 bytes per operand, as PanelGemm's do: one float32,
+// or in bf16 one pair of bf16 values (two adjacent features of q and of k; two adjacent keys
+// of p and of v), read as a float's bits and multiplied pair by pair.
+template <ComputeDType kDType>
+[[gnu::always_inline]] inline Vec MultiplyAddSteps(Vec acc, Vec x, Vec w) {
+  if constexpr (kDType == ComputeDType::kBF16) {
+    return simd::DotBf16Pairs(acc, x, w);
+  } else {
+    return acc + x * w;
+  }
+}
+template <ComputeDType kDType>
+constexpr int64_t kValuesPerStep = kDType == ComputeDType::kBF16 ? 2 : 1;
+typedef float StepBits __attribute__((may_alias));  // a step's 4 bytes, whatever they hold
 
 // Where the j-th row of a sequence lives.
 struct RowRef {
@@ -41,29 +81,37 @@ RowRef Locate(const AttentionSequence& seq, int64_t j) {
 
 int64_t RoundUp(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
 
-// One sequence and head's keys and values, packed so the kernels read them with unit stride.
-// Keys are pre-scaled by 1/sqrt(hd) and transposed in blocks of kKeyBlock columns:
-// key_blocks[(j / kKeyBlock) * hd * kKeyBlock + e * kKeyBlock + j % kKeyBlock], zero past the
-// length. values[j * padded_dim + e], zero past hd.
+// One sequence and head's keys and values, packed so the kernels read them with unit stride,
+// in steps (see MultiplyAddSteps). Keys are pre-scaled by 1/sqrt(hd) and transposed in blocks
+// of kKeyBlock keys: key_blocks[(j / kKeyBlock) * key_steps * kKeyBlock + s * kKeyBlock +
+// j % kKeyBlock] holds key j's step s (feature s, or features 2s and 2s + 1), zero past the
+// length. values[s * padded_dim + e] holds feature e of step s's keys (key s, or keys 2s and
+// 2s + 1), zero past hd and past the length.
 struct PackedHead {
   float* key_blocks;
   float* values;
   int64_t length, padded_length, head_dim, padded_dim;
+  int64_t key_steps, value_steps;
 };
 
+// In either dtype: bf16 needs at most half.
 int64_t PackedHeadFloats(int64_t length, int64_t head_dim) {
   return head_dim * RoundUp(length, kKeyBlock) + length * RoundUp(head_dim, kVector);
 }
 
 // A thread's scratch for sequences up to `max_length`: one packed head, then kRowGroup rows of
-// scores.
+// scores, then (bf16 only) kRowGroup rows of bf16 weights and of bf16 queries.
 int64_t ThreadScratchFloats(int64_t max_length, int64_t head_dim) {
-  return PackedHeadFloats(max_length, head_dim) + kRowGroup * RoundUp(max_length, kKeyBlock);
+  const int64_t scores = kRowGroup * RoundUp(max_length, kKeyBlock);
+  return PackedHeadFloats(max_length, head_dim) + scores + scores / 2 + kRowGroup * RoundUp(head_dim, kVector) / 2;
 }
 
+template <ComputeDType kDType>
 PackedHead PackedHeadIn(float* scratch, int64_t length, int64_t head_dim) {
-  const int64_t padded_length = RoundUp(length, kKeyBlock);
-  return {scratch, scratch + head_dim * padded_length, length, padded_length, head_dim, RoundUp(head_dim, kVector)};
+  constexpr int64_t kPer = kValuesPerStep<kDType>;
+  const int64_t padded_length = RoundUp(length, kKeyBlock), key_steps = head_dim / kPer;
+  return {scratch,  scratch + key_steps * padded_length, length, padded_length, head_dim, RoundUp(head_dim, kVector),
+          key_steps, (length + kPer - 1) / kPer};
 }
 
 // Sixteen rows of sixteen floats transposed in registers (rows[i][l] becomes rows[l][i]): the
@@ -98,9 +146,11 @@ PackedHead PackedHeadIn(float* scratch, int64_t length, int64_t head_dim) {
 // Packs one sequence and head's keys and values (PackedHead), sixteen keys at a time: their
 // key rows are transposed in registers, sixteen features at a time. The source rows are a
 // fused q/k/v projection's output, far apart and in L3 by now, so the next sixteen rows'
-// lines are prefetched while these are packed.
+// lines are prefetched while these are packed. bf16 needs head_dim a multiple of 16.
+template <ComputeDType kDType>
 [[gnu::always_inline]] inline void PackHeadBody(const AttentionSequence& seq, int64_t head_offset,
                                                 int64_t input_stride, float key_scale, const PackedHead& packed) {
+  constexpr bool kBf16 = kDType == ComputeDType::kBF16;
   const int64_t hd = packed.head_dim, whole = hd / kVector * kVector;
   auto row_of = [&](int64_t j, const float* AttentionSegment::*column) {
     const RowRef ref = Locate(seq, j);
@@ -117,23 +167,36 @@ PackedHead PackedHeadIn(float* scratch, int64_t length, int64_t head_dim) {
     const int64_t keys = std::clamp<int64_t>(packed.length - j0, 0, kVector);  // the rest is padding
     const float* k[kVector];
     for (int64_t c = 0; c < keys; ++c) k[c] = row_of(j0 + c, &AttentionSegment::k);
-    float* columns = packed.key_blocks + (j0 / kKeyBlock) * hd * kKeyBlock + j0 % kKeyBlock;
+    float* columns = packed.key_blocks + (j0 / kKeyBlock) * packed.key_steps * kKeyBlock + j0 % kKeyBlock;
     for (int64_t e0 = 0; e0 < whole; e0 += kVector) {
       Vec block[kVector];
       for (int64_t c = 0; c < kVector; ++c) block[c] = c < keys ? Load(k[c] + e0) * scale : Vec{};
-      Transpose16(block);
-      for (int64_t e = 0; e < kVector; ++e) Store(columns + (e0 + e) * kKeyBlock, block[e]);
+      Transpose16(block);  // block[e]: feature e0 + e of the sixteen keys
+      for (int64_t e = 0; e < kVector; e += kValuesPerStep<kDType>) {
+        if constexpr (kBf16) {
+          Store(columns + (e0 + e) / 2 * kKeyBlock, Bf16Pairs(block[e], block[e + 1]));
+        } else {
+          Store(columns + e * kKeyBlock + e0 * kKeyBlock, block[e]);
+        }
+      }
     }
-    for (int64_t e = whole; e < hd; ++e) {
+    for (int64_t e = whole; e < hd; ++e) {  // float32 only
       for (int64_t c = 0; c < kVector; ++c) columns[e * kKeyBlock + c] = c < keys ? k[c][e] * key_scale : 0.0f;
     }
-    for (int64_t j = j0; j < j0 + keys; ++j) {
+    for (int64_t j = j0; j < j0 + keys; j += kValuesPerStep<kDType>) {
       const float* v = row_of(j, &AttentionSegment::v);
-      float* value_row = packed.values + j * packed.padded_dim;
-      int64_t e = 0;
-      for (; e < whole; e += kVector) Store(value_row + e, Load(v + e));
-      for (; e < hd; ++e) value_row[e] = v[e];
-      for (; e < packed.padded_dim; ++e) value_row[e] = 0.0f;
+      float* value_row = packed.values + j / kValuesPerStep<kDType> * packed.padded_dim;
+      if constexpr (kBf16) {  // keys j and j + 1 (zero past the length)
+        const float* next = j + 1 < packed.length ? row_of(j + 1, &AttentionSegment::v) : nullptr;
+        for (int64_t e = 0; e < hd; e += kVector) {
+          Store(value_row + e, Bf16Pairs(Load(v + e), next != nullptr ? Load(next + e) : Vec{}));
+        }
+      } else {
+        int64_t e = 0;
+        for (; e < whole; e += kVector) Store(value_row + e, Load(v + e));
+        for (; e < hd; ++e) value_row[e] = v[e];
+        for (; e < packed.padded_dim; ++e) value_row[e] = 0.0f;
+      }
     }
   }
 }
@@ -141,22 +204,22 @@ PackedHead PackedHeadIn(float* scratch, int64_t length, int64_t head_dim) {
 // Lane indices, to mask the key columns past a sequence's end.
 const Vec kLaneIndex = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
-// scores[r][j] = q_r . key_j (scaled) for kRows query rows and all padded key columns, -inf
-// past the length; row_max[r] gets row r's maximum in every lane. kRows query rows at a time
-// share every key load.
-template <int kRows>
-[[gnu::always_inline]] inline void ScoreRows(const float* const* q, const PackedHead& kv, float* scores,
+// scores[r][j] = q_r . key_j (scaled) for kRows query rows (in steps) and all padded key
+// columns, -inf past the length; row_max[r] gets row r's maximum in every lane. kRows query
+// rows at a time share every key load.
+template <int kRows, ComputeDType kDType>
+[[gnu::always_inline]] inline void ScoreRows(const StepBits* const* q, const PackedHead& kv, float* scores,
                                              int64_t scores_stride, Vec* row_max) {
   for (int r = 0; r < kRows; ++r) row_max[r] = Broadcast(-INFINITY);
   for (int64_t j = 0; j < kv.padded_length; j += kKeyBlock) {
     Vec acc[kRows][2] = {};
-    const float* key = kv.key_blocks + j * kv.head_dim;
-    for (int64_t e = 0; e < kv.head_dim; ++e, key += kKeyBlock) {
+    const float* key = kv.key_blocks + j * kv.key_steps;
+    for (int64_t s = 0; s < kv.key_steps; ++s, key += kKeyBlock) {
       const Vec k0 = Load(key), k1 = Load(key + kVector);
       for (int r = 0; r < kRows; ++r) {
-        const Vec qe = Broadcast(q[r][e]);
-        acc[r][0] += qe * k0;
-        acc[r][1] += qe * k1;
+        const Vec qs = Broadcast(q[r][s]);
+        acc[r][0] = MultiplyAddSteps<kDType>(acc[r][0], qs, k0);
+        acc[r][1] = MultiplyAddSteps<kDType>(acc[r][1], qs, k1);
       }
     }
     if (j + kKeyBlock > kv.length) {  // the last block: its padding must not raise the maximum
@@ -176,32 +239,41 @@ template <int kRows>
   for (int r = 0; r < kRows; ++r) row_max[r] = simd::AllLanesMax(row_max[r]);
 }
 
-// In place over one row of padded scores: p_j = exp(s_j - max); returns sum_j p_j in every
-// lane. Padding (-inf) becomes e^-87 (ExpNonPositive's floor): the row's maximum contributes
-// 1 to the sum, so 31 such terms cannot change it.
-[[gnu::always_inline]] inline Vec SoftmaxNumerators(float* scores, int64_t padded_length, Vec max_score) {
+// Over one row of padded scores: p_j = exp(s_j - max), written to `weights` (in place, or as
+// bf16); returns sum_j p_j (of the float32 values) in every lane. Padding (-inf) becomes
+// e^-87 (ExpNonPositive's floor): the row's maximum contributes 1 to the sum, so 31 such terms
+// cannot change it, and the padding's values are zero.
+template <typename Weight>
+[[gnu::always_inline]] inline Vec SoftmaxNumerators(float* scores, int64_t padded_length, Vec max_score,
+                                                    Weight* weights) {
   Vec sum = {};
   for (int64_t j = 0; j < padded_length; j += kVector) {
     const Vec p = ExpNonPositive(Load(scores + j) - max_score);
-    Store(scores + j, p);
+    if constexpr (std::is_same_v<Weight, uint16_t>) {
+      *reinterpret_cast<Bf16Vec*>(weights + j) = simd::RoundToBf16(p);
+    } else {
+      Store(weights + j, p);
+    }
     sum += p;
   }
   return simd::AllLanesSum(sum);
 }
 
-// out_r[e0, e0 + 16 kVecs) = sum_j p_r[j] v_j[...] / sum_r for kRows rows: each value load
-// feeds kRows rows. Written as the rows' first `width` features of the chunk.
-template <int kRows, int kVecs>
-[[gnu::always_inline]] inline void WeightedValues(const float* scores, int64_t scores_stride, const PackedHead& kv,
-                                                  int64_t e0, const Vec* inv_sum, float* const* out) {
+// out_r[e0, e0 + 16 kVecs) = sum_j p_r[j] v_j[...] / sum_r for kRows rows, over the weights'
+// and values' steps: each value load feeds kRows rows. Written as the rows' first `width`
+// features of the chunk.
+template <int kRows, int kVecs, ComputeDType kDType>
+[[gnu::always_inline]] inline void WeightedValues(const StepBits* weights, int64_t weights_stride,
+                                                  const PackedHead& kv, int64_t e0, const Vec* inv_sum,
+                                                  float* const* out) {
   Vec acc[kRows][kVecs] = {};
   const float* value = kv.values + e0;
-  for (int64_t j = 0; j < kv.length; ++j, value += kv.padded_dim) {
+  for (int64_t s = 0; s < kv.value_steps; ++s, value += kv.padded_dim) {
     Vec v[kVecs];
     for (int c = 0; c < kVecs; ++c) v[c] = Load(value + c * kVector);
     for (int r = 0; r < kRows; ++r) {
-      const Vec p = Broadcast(scores[r * scores_stride + j]);
-      for (int c = 0; c < kVecs; ++c) acc[r][c] += p * v[c];
+      const Vec p = Broadcast(weights[r * weights_stride + s]);
+      for (int c = 0; c < kVecs; ++c) acc[r][c] = MultiplyAddSteps<kDType>(acc[r][c], p, v[c]);
     }
   }
   const int64_t width = std::min<int64_t>(kVecs * kVector, kv.head_dim - e0);
@@ -216,45 +288,74 @@ template <int kRows, int kVecs>
   }
 }
 
-template <int kRows>
-[[gnu::always_inline]] inline void WeightedValueRows(const float* scores, int64_t scores_stride, const PackedHead& kv,
-                                                     const Vec* inv_sum, float* const* out) {
+template <int kRows, ComputeDType kDType>
+[[gnu::always_inline]] inline void WeightedValueRows(const StepBits* weights, int64_t weights_stride,
+                                                     const PackedHead& kv, const Vec* inv_sum, float* const* out) {
   // Chunks of 16 kWide features: kRows * kWide accumulators, at most 16 of the 32 registers.
   constexpr int kWide = kRows > 4 ? 2 : 4;
   int64_t e0 = 0;
   for (; e0 + kWide * kVector <= kv.padded_dim; e0 += kWide * kVector) {
-    WeightedValues<kRows, kWide>(scores, scores_stride, kv, e0, inv_sum, out);
+    WeightedValues<kRows, kWide, kDType>(weights, weights_stride, kv, e0, inv_sum, out);
   }
   switch ((kv.padded_dim - e0) / kVector) {
-    case 3: WeightedValues<kRows, 3>(scores, scores_stride, kv, e0, inv_sum, out); break;
-    case 2: WeightedValues<kRows, 2>(scores, scores_stride, kv, e0, inv_sum, out); break;
-    case 1: WeightedValues<kRows, 1>(scores, scores_stride, kv, e0, inv_sum, out); break;
+    case 3: WeightedValues<kRows, 3, kDType>(weights, weights_stride, kv, e0, inv_sum, out); break;
+    case 2: WeightedValues<kRows, 2, kDType>(weights, weights_stride, kv, e0, inv_sum, out); break;
+    case 1: WeightedValues<kRows, 1, kDType>(weights, weights_stride, kv, e0, inv_sum, out); break;
     default: break;
   }
 }
 
+// A thread's working rows: kRowGroup rows of scores (padded_length floats apart) and, in bf16,
+// the same rows' weights and queries in bf16.
+struct AttentionRows {
+  float* scores;
+  uint16_t* weights_bf16;  // padded_length apart
+  uint16_t* queries_bf16;  // head_dim apart
+};
+
 // kRows query rows starting at sequence row i: scores, softmax, weighted values.
-template <int kRows>
+template <int kRows, ComputeDType kDType>
 [[gnu::always_inline]] inline void AttendRows(const AttentionSequence& seq, const PackedHead& kv, int64_t head_offset,
-                                              const AttentionStrides& strides, int64_t i, float* scores) {
-  const float* q[kRows];
+                                              const AttentionStrides& strides, int64_t i, const AttentionRows& rows) {
+  constexpr bool kBf16 = kDType == ComputeDType::kBF16;
+  const StepBits* q[kRows];
   float* out[kRows];
   for (int r = 0; r < kRows; ++r) {
     const RowRef ref = Locate(seq, i + r);
-    q[r] = ref.segment->q + ref.row * strides.input + head_offset;
+    const float* query = ref.segment->q + ref.row * strides.input + head_offset;
     out[r] = ref.segment->out + ref.row * strides.output + head_offset;
+    if constexpr (kBf16) {
+      uint16_t* query_bf16 = rows.queries_bf16 + r * kv.head_dim;
+      for (int64_t e = 0; e < kv.head_dim; e += kVector) {
+        *reinterpret_cast<Bf16Vec*>(query_bf16 + e) = simd::RoundToBf16(Load(query + e));
+      }
+      q[r] = reinterpret_cast<const StepBits*>(query_bf16);
+    } else {
+      q[r] = query;
+    }
   }
   Vec row_max[kRows], inv_sum[kRows];
-  ScoreRows<kRows>(q, kv, scores, kv.padded_length, row_max);
+  const int64_t stride = kv.padded_length;
+  ScoreRows<kRows, kDType>(q, kv, rows.scores, stride, row_max);
   for (int r = 0; r < kRows; ++r) {
-    inv_sum[r] = 1.0f / SoftmaxNumerators(scores + r * kv.padded_length, kv.padded_length, row_max[r]);
+    float* row = rows.scores + r * stride;
+    if constexpr (kBf16) {
+      inv_sum[r] = 1.0f / SoftmaxNumerators(row, stride, row_max[r], rows.weights_bf16 + r * stride);
+    } else {
+      inv_sum[r] = 1.0f / SoftmaxNumerators(row, stride, row_max[r], row);
+    }
   }
-  WeightedValueRows<kRows>(scores, kv.padded_length, kv, inv_sum, out);
+  if constexpr (kBf16) {
+    WeightedValueRows<kRows, kDType>(reinterpret_cast<const StepBits*>(rows.weights_bf16), stride / 2, kv, inv_sum,
+                                     out);
+  } else {
+    WeightedValueRows<kRows, kDType>(rows.scores, stride, kv, inv_sum, out);
+  }
 }
 
 // One task of Attention: query rows [q_begin, q_end) of one sequence and head, against its
 // keys and values in `kv`, which the task first packs if `pack` (a thread reuses the head it
-// packed for its previous task). `scores` holds kRowGroup * kv.padded_length floats.
+// packed for its previous task).
 struct AttentionTask {
   const AttentionSequence* seq;
   int64_t head_offset;
@@ -263,35 +364,18 @@ struct AttentionTask {
   bool pack;
   PackedHead kv;
   int64_t q_begin, q_end;
-  float* scores;
+  AttentionRows rows;
 };
 
-// Inlined into one copy per instruction set (see kAttendTask).
+// Inlined into one copy per instruction set and dtype (see AttendTaskFor).
+template <ComputeDType kDType>
 [[gnu::always_inline]] inline void AttendTaskBody(const AttentionTask& t) {
-  if (t.pack) PackHeadBody(*t.seq, t.head_offset, t.strides.input, t.key_scale, t.kv);
+  if (t.pack) PackHeadBody<kDType>(*t.seq, t.head_offset, t.strides.input, t.key_scale, t.kv);
   int64_t i = t.q_begin;
   for (; i + kRowGroup <= t.q_end; i += kRowGroup) {
-    AttendRows<kRowGroup>(*t.seq, t.kv, t.head_offset, t.strides, i, t.scores);
+    AttendRows<kRowGroup, kDType>(*t.seq, t.kv, t.head_offset, t.strides, i, t.rows);
   }
-  for (; i < t.q_end; ++i) AttendRows<1>(*t.seq, t.kv, t.head_offset, t.strides, i, t.scores);
-}
-
-// float32 to bf16 bits, rounding to nearest even; NaN stays NaN (as FloatToBFloat16).
-typedef uint32_t UintVec __attribute__((vector_size(64)));
-typedef uint16_t Bf16Vec __attribute__((vector_size(32), aligned(2), may_alias));
-template <typename Bits>
-[[gnu::always_inline]] inline auto ToBf16Bits(Bits bits) {
-  const Bits rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  const Bits quiet_nan = (bits >> 16) | 0x40u;
-  return (bits & 0x7FFFFFFFu) > 0x7F800000u ? quiet_nan : rounded;
-}
-[[gnu::always_inline]] inline void StoreAs(float value, float* out) { *out = value; }
-[[gnu::always_inline]] inline void StoreAs(float value, uint16_t* out) {
-  *out = static_cast<uint16_t>(ToBf16Bits(std::bit_cast<uint32_t>(value)));
-}
-[[gnu::always_inline]] inline void StoreAs(Vec value, float* out) { Store(out, value); }
-[[gnu::always_inline]] inline void StoreAs(Vec value, uint16_t* out) {
-  *reinterpret_cast<Bf16Vec*>(out) = __builtin_convertvector(ToBf16Bits(reinterpret_cast<UintVec>(value)), Bf16Vec);
+  for (; i < t.q_end; ++i) AttendRows<1, kDType>(*t.seq, t.kv, t.head_offset, t.strides, i, t.rows);
 }
 
 // The sum of row[0, count) in every lane: four accumulators, so that the adds do not wait on
@@ -331,9 +415,10 @@ using AttendTaskFn = void (*)(const AttentionTask&);
 template <typename Out>
 using LayerNormRowFn = void (*)(const float*, int64_t, const float*, const float*, Out*);
 
-[[MMDIT_TARGET_AVX512]] void AttendTaskAvx512(const AttentionTask& task) { AttendTaskBody(task); }
-[[MMDIT_TARGET_AVX2]] void AttendTaskAvx2(const AttentionTask& task) { AttendTaskBody(task); }
-void AttendTaskBaseline(const AttentionTask& task) { AttendTaskBody(task); }
+template <ComputeDType kDType>
+[[MMDIT_TARGET_AVX512]] void AttendTaskAvx512(const AttentionTask& task) { AttendTaskBody<kDType>(task); }
+[[MMDIT_TARGET_AVX2]] void AttendTaskAvx2(const AttentionTask& task) { AttendTaskBody<ComputeDType::kF32>(task); }
+void AttendTaskBaseline(const AttentionTask& task) { AttendTaskBody<ComputeDType::kF32>(task); }
 template <typename Out>
 [[MMDIT_TARGET_AVX512]] void LayerNormRowAvx512(const float* x, int64_t dim,
                                                                                        const float* shift,
@@ -351,9 +436,17 @@ void LayerNormRowBaseline(const float* x, int64_t dim, const float* shift, const
 }
 
 const Isa kIsa = simd::CpuIsa();
-const AttendTaskFn kAttendTask = kIsa == Isa::kAvx512 ? AttendTaskAvx512
-                                 : kIsa == Isa::kAvx2 ? AttendTaskAvx2
-                                                      : AttendTaskBaseline;
+// bf16 attention runs where the CPU has `vdpbf16ps` and the head is whole vectors wide (every
+// real MMDiT's 64); elsewhere a bf16 forward's attention runs in float32.
+bool Bf16AttentionRuns(ComputeDType compute, int64_t head_dim) {
+  return compute == ComputeDType::kBF16 && simd::CpuHasBf16DotProduct() && head_dim % kVector == 0;
+}
+AttendTaskFn AttendTaskFor(bool bf16) {
+  if (bf16) return AttendTaskAvx512<ComputeDType::kBF16>;
+  return kIsa == Isa::kAvx512 ? AttendTaskAvx512<ComputeDType::kF32>
+         : kIsa == Isa::kAvx2 ? AttendTaskAvx2
+                              : AttendTaskBaseline;
+}
 // A function, not a variable template: instances of a variable template have no defined
 // initialisation order relative to kIsa.
 template <typename Out>
@@ -481,13 +574,15 @@ int64_t AttentionScratchFloats(absl::Span<const int64_t> lengths, int64_t head_d
 }
 
 void Attention(absl::Span<const AttentionSequence> sequences, int64_t heads, int64_t head_dim,
-               const AttentionStrides& strides, absl::Span<float> scratch) {
+               const AttentionStrides& strides, ComputeDType compute, absl::Span<float> scratch) {
   int64_t max_length = 0;
   for (const AttentionSequence& seq : sequences) max_length = std::max(max_length, seq.length());
   const int threads = omp_get_max_threads();
   const int64_t thread_floats = ThreadScratchFloats(max_length, head_dim);
   assert(static_cast<int64_t>(scratch.size()) >= threads * thread_floats);
   const float key_scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  const bool bf16 = Bf16AttentionRuns(compute, head_dim);
+  const AttendTaskFn attend_task = AttendTaskFor(bf16);
 
   // Tasks: (sequence, head, part of its query rows). One part per head when there are enough
   // heads to keep every thread busy; when heads are few (one long sequence on many threads),
@@ -497,6 +592,10 @@ void Attention(absl::Span<const AttentionSequence> sequences, int64_t heads, int
 #pragma omp parallel
   {
     float* const mine = scratch.data() + omp_get_thread_num() * thread_floats;
+    float* const scores = mine + PackedHeadFloats(max_length, head_dim);
+    const int64_t scores_floats = kRowGroup * RoundUp(max_length, kKeyBlock);
+    uint16_t* const weights_bf16 = reinterpret_cast<uint16_t*>(scores + scores_floats);
+    const AttentionRows rows{scores, weights_bf16, weights_bf16 + scores_floats};
     int64_t packed_head = -1;  // the (sequence, head) this thread's scratch holds
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < total_heads * parts; ++task) {
@@ -506,8 +605,9 @@ void Attention(absl::Span<const AttentionSequence> sequences, int64_t heads, int
       const int64_t part_rows = RoundUp((length + parts - 1) / parts, kRowGroup);
       const int64_t q_begin = std::min(part * part_rows, length), q_end = std::min(q_begin + part_rows, length);
       if (q_begin == q_end) continue;
-      kAttendTask({&seq, head_offset, strides, key_scale, packed_head != sequence_head,
-                   PackedHeadIn(mine, length, head_dim), q_begin, q_end, mine + PackedHeadFloats(max_length, head_dim)});
+      const PackedHead kv = bf16 ? PackedHeadIn<ComputeDType::kBF16>(mine, length, head_dim)
+                                 : PackedHeadIn<ComputeDType::kF32>(mine, length, head_dim);
+      attend_task({&seq, head_offset, strides, key_scale, packed_head != sequence_head, kv, q_begin, q_end, rows});
       packed_head = sequence_head;
     }
   }

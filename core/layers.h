@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "absl/types/span.h"
+#include "core/compute_dtype.h"
 
 namespace mmdit {
 
@@ -87,7 +88,10 @@ int64_t AttentionScratchFloats(absl::Span<const int64_t> lengths, int64_t head_d
 // omp_get_max_threads()) floats. A thread packs a head's keys and values into its own part of
 // the scratch, where they stay in cache while its query rows run in register-blocked groups
 // with a vectorised exp; only a few rows of scores exist at a time (never an [L, L] matrix).
+// With `compute` bf16, the two products take bf16 inputs (q, k, the softmax weights and v
+// rounded to bf16; float32 sums), where the CPU has AVX512_BF16 and head_dim is a multiple of
+// 16; the softmax stays float32. Otherwise, and always with f32, everything is float32.
 void Attention(absl::Span<const AttentionSequence> sequences, int64_t heads, int64_t head_dim,
-               const AttentionStrides& strides, absl::Span<float> scratch);
+               const AttentionStrides& strides, ComputeDType compute, absl::Span<float> scratch);
 
 }  // namespace mmdit

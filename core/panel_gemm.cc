@@ -74,15 +74,6 @@ constexpr int64_t kPanelRowBytes = 192;
 // Input rows and panels are read as floats whatever they hold (bf16 pairs too).
 typedef float AliasedFloat __attribute__((may_alias));
 
-// acc += the dot products of x's and w's bf16 pairs, lane by lane (`vdpbf16ps`). Written as
-// assembly so that the kernels need not be compiled for AVX512_BF16: with that target GCC may
-// use its instructions anywhere in a function, and the float32 kernels must run on AVX-512
-// CPUs without it.
-[[gnu::always_inline]] inline Vec DotBf16Pairs(Vec acc, Vec x, Vec w) {
-  asm("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w));
-  return acc;
-}
-
 template <int R, PanelDType kDType>
 [[MMDIT_TARGET_AVX512]] void TilePass(const Pass& pass, PanelEpilogue epilogue) {
   Vec acc[R][kPanelVecs];
@@ -109,7 +100,7 @@ template <int R, PanelDType kDType>
         if constexpr (kDType == PanelDType::kF32) {
           acc[r][j] += xv * wv[j];
         } else {
-          acc[r][j] = DotBf16Pairs(acc[r][j], xv, wv[j]);
+          acc[r][j] = simd::DotBf16Pairs(acc[r][j], xv, wv[j]);
         }
       }
     }
@@ -141,7 +132,7 @@ constexpr TilePassFn kTilePasses[kTileRows + 1] = {
 
 bool PanelGemmAvailable(PanelDType dtype) {
   if (simd::CpuIsa() != simd::Isa::kAvx512) return false;
-  return dtype == PanelDType::kF32 || __builtin_cpu_supports("avx512bf16");
+  return dtype == PanelDType::kF32 || simd::CpuHasBf16DotProduct();
 }
 
 void ConvertToBf16(const float* src, int64_t count, uint16_t* dst) {

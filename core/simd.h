@@ -88,4 +88,30 @@ inline Isa CpuIsa() {
   return isa;
 }
 
+// Whether this CPU has AVX512_BF16 (`vdpbf16ps`), detected once.
+inline bool CpuHasBf16DotProduct() {
+  static const bool has = CpuIsa() == Isa::kAvx512 && __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+// acc += the dot products of x's and w's bf16 pairs, lane by lane (`vdpbf16ps`): each lane of
+// x and w holds two bf16 values, read as a float's bits. Only for AVX-512 kernels, on CPUs
+// with CpuHasBf16DotProduct(). Written as assembly so that the kernels need not be compiled
+// for AVX512_BF16: with that target GCC may use its instructions anywhere in a function, and
+// the float32 variants of the same kernels must run on AVX-512 CPUs without it.
+[[gnu::always_inline]] inline Vec DotBf16Pairs(Vec acc, Vec x, Vec w) {
+  asm("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w));
+  return acc;
+}
+
+// Sixteen floats rounded to bf16 (to nearest even; `vcvtneps2bf16`), for the same kernels as
+// DotBf16Pairs and written the same way. Unlike FloatToBFloat16 it flushes float32 denormals to
+// zero, which bf16 products would lose anyway.
+typedef uint16_t Bf16x16 __attribute__((vector_size(32)));
+[[gnu::always_inline]] inline Bf16x16 RoundToBf16(Vec x) {
+  Bf16x16 rounded;
+  asm("vcvtneps2bf16 %1, %0" : "=v"(rounded) : "v"(x));
+  return rounded;
+}
+
 }  // namespace mmdit::simd

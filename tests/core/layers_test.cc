@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/dtype.h"
+#include "core/panel_gemm.h"
 #include "tests/core/test_util.h"
 
 namespace mmdit {
@@ -211,7 +212,8 @@ void NaiveAttention(const std::vector<const Tensor*>& q, const std::vector<const
 struct AttentionCase {
   int64_t heads, head_dim, text_rows, image_rows, alone_rows;
   float magnitude;  // of q and k: larger makes sharper softmax rows
-  double tolerance;
+  double tolerance;       // float32: max |out - naive|
+  double bf16_tolerance;  // bf16: ||out - naive|| / ||naive||
 };
 
 class AttentionTest : public ::testing::TestWithParam<AttentionCase> {};
@@ -236,45 +238,75 @@ struct FusedQkv {
   }
 };
 
-// Two sequences: (text + image rows, two segments) and (image rows alone).
+double RelativeL2(const Tensor& out, const Tensor& reference) {
+  double diff = 0, norm = 0;
+  for (size_t i = 0; i < out.data.size(); ++i) {
+    diff += std::pow(out.data[i] - reference.data[i], 2);
+    norm += std::pow(reference.data[i], 2);
+  }
+  return std::sqrt(diff / norm);
+}
+
+// Two sequences: (text + image rows, two segments) and (image rows alone), in both dtypes.
 TEST_P(AttentionTest, MatchesNaiveSoftmaxOverConcatenatedSegments) {
   const AttentionCase p = GetParam();
   const int64_t heads = p.heads, hd = p.head_dim, dim = heads * hd;
   const int64_t nt = p.text_rows, ni = p.image_rows, ns = p.alone_rows;
   const FusedQkv text(nt, dim, 20, p.magnitude), image(ni, dim, 23, p.magnitude), alone_in(ns, dim, 26, p.magnitude);
-  Tensor t_out({nt, dim}), i_out({ni, dim}), s_out({ns, dim});
-  AttentionSequence joint, alone;
-  joint.segments[0] = text.Segment(t_out, dim);
-  joint.segments[1] = image.Segment(i_out, dim);
-  joint.num_segments = 2;
-  alone.segments[0] = alone_in.Segment(s_out, dim);
-  alone.num_segments = 1;
-  const int64_t lengths[] = {nt + ni, ns};
-  // Poisoned scratch: the kernel must not read what it did not write.
-  std::vector<float> scratch(AttentionScratchFloats(lengths, hd, omp_get_max_threads()), NAN);
-  const AttentionSequence sequences[] = {joint, alone};
-  Attention(sequences, heads, hd, {3 * dim, dim}, absl::MakeSpan(scratch));
-
   Tensor t_naive({nt, dim}), i_naive({ni, dim}), s_naive({ns, dim});
   NaiveAttention({&text.q, &image.q}, {&text.k, &image.k}, {&text.v, &image.v}, heads, hd, {&t_naive, &i_naive});
   NaiveAttention({&alone_in.q}, {&alone_in.k}, {&alone_in.v}, heads, hd, {&s_naive});
-  EXPECT_LE(MaxAbsDiff(t_out, t_naive), p.tolerance);
-  EXPECT_LE(MaxAbsDiff(i_out, i_naive), p.tolerance);
-  EXPECT_LE(MaxAbsDiff(s_out, s_naive), p.tolerance);
+
+  Tensor outputs[2][3];  // [f32, bf16][text, image, alone]
+  for (const ComputeDType compute : {ComputeDType::kF32, ComputeDType::kBF16}) {
+    SCOPED_TRACE(ComputeDTypeName(compute));
+    Tensor& t_out = outputs[compute == ComputeDType::kBF16][0] = Tensor({nt, dim});
+    Tensor& i_out = outputs[compute == ComputeDType::kBF16][1] = Tensor({ni, dim});
+    Tensor& s_out = outputs[compute == ComputeDType::kBF16][2] = Tensor({ns, dim});
+    AttentionSequence joint, alone;
+    joint.segments[0] = text.Segment(t_out, dim);
+    joint.segments[1] = image.Segment(i_out, dim);
+    joint.num_segments = 2;
+    alone.segments[0] = alone_in.Segment(s_out, dim);
+    alone.num_segments = 1;
+    const int64_t lengths[] = {nt + ni, ns};
+    // Poisoned scratch: the kernel must not read what it did not write.
+    std::vector<float> scratch(AttentionScratchFloats(lengths, hd, omp_get_max_threads()), NAN);
+    const AttentionSequence sequences[] = {joint, alone};
+    Attention(sequences, heads, hd, {3 * dim, dim}, compute, absl::MakeSpan(scratch));
+    if (compute == ComputeDType::kF32) {
+      EXPECT_LE(MaxAbsDiff(t_out, t_naive), p.tolerance);
+      EXPECT_LE(MaxAbsDiff(i_out, i_naive), p.tolerance);
+      EXPECT_LE(MaxAbsDiff(s_out, s_naive), p.tolerance);
+    } else {
+      EXPECT_LE(RelativeL2(t_out, t_naive), p.bf16_tolerance);
+      EXPECT_LE(RelativeL2(i_out, i_naive), p.bf16_tolerance);
+      EXPECT_LE(RelativeL2(s_out, s_naive), p.bf16_tolerance);
+    }
+  }
+  // Where the CPU has AVX512_BF16 and the head is whole vectors, bf16 really ran in bf16: its
+  // rounding shows (a float32 kernel would match the f32 run to its last bits).
+  if (PanelGemmAvailable(PanelDType::kBF16) && hd % 16 == 0) {
+    EXPECT_GT(RelativeL2(outputs[1][1], outputs[0][1]), 1e-4);
+  } else {
+    EXPECT_EQ(outputs[1][1].data, outputs[0][1].data);
+  }
 }
 
 // The sharp case's scores reach ~100, where float32 rounding of the dot products alone moves
-// the weights by ~2e-5 (std::exp in place of the kernel's exp gives the same error).
+// the weights by ~2e-5 (std::exp in place of the kernel's exp gives the same error). bf16
+// (inputs rounded to 8 significant bits) measures 3e-3 on the 64-wide heads and 8e-3 on the
+// sharp case; the bounds leave a factor of about 3.
 INSTANTIATE_TEST_SUITE_P(
     Shapes, AttentionTest,
-    ::testing::Values(AttentionCase{3, 8, 5, 40, 7, 1.0f, kTolerance},     // head dim under one vector; 2 tiles
-                      AttentionCase{2, 64, 13, 100, 33, 1.0f, kTolerance},  // SD3's head dim; rows not 4k
-                      AttentionCase{2, 72, 3, 61, 1, 1.0f, kTolerance},     // 4 + 1 value vectors; one-row sequence
-                      AttentionCase{1, 20, 1, 1, 2, 1.0f, kTolerance},      // two-row sequences: mostly padding
-                      AttentionCase{2, 16, 7, 90, 17, 6.0f, 5e-5},          // sharp softmax: exp far into its range
+    ::testing::Values(AttentionCase{3, 8, 5, 40, 7, 1.0f, kTolerance, 1e-2},     // head dim under one vector; 2 tiles
+                      AttentionCase{2, 64, 13, 100, 33, 1.0f, kTolerance, 1e-2},  // SD3's head dim; rows not 8k
+                      AttentionCase{2, 72, 3, 61, 1, 1.0f, kTolerance, 1e-2},     // 4 + 1 value vectors; one-row sequence
+                      AttentionCase{1, 20, 1, 1, 2, 1.0f, kTolerance, 1e-2},      // two-row sequences: mostly padding
+                      AttentionCase{2, 16, 7, 90, 17, 6.0f, 5e-5, 3e-2},          // sharp softmax: exp far into its range
                       // One head: fewer heads than tasks, so each sequence's query rows split
                       // over several tasks, each packing the head for itself.
-                      AttentionCase{1, 64, 40, 300, 50, 1.0f, kTolerance}));
+                      AttentionCase{1, 64, 40, 300, 50, 1.0f, kTolerance, 1e-2}));
 
 TEST(ExpInAttention, OneHotSoftmaxFromAVeryLargeScore) {
   // One key scores ~1e4 above the rest: every other weight underflows to zero, and the
@@ -288,7 +320,7 @@ TEST(ExpInAttention, OneHotSoftmaxFromAVeryLargeScore) {
   seq.num_segments = 1;
   const int64_t lengths[] = {rows};
   std::vector<float> scratch(AttentionScratchFloats(lengths, hd, omp_get_max_threads()));
-  Attention({&seq, 1}, 1, hd, {hd, hd}, absl::MakeSpan(scratch));
+  Attention({&seq, 1}, 1, hd, {hd, hd}, ComputeDType::kF32, absl::MakeSpan(scratch));
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t e = 0; e < hd; ++e) EXPECT_EQ(out.data[r * hd + e], v.data[1 * hd + e]);
 }
