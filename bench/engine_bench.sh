@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Forward-pass benchmarks of the engine on random-weight models (not part of CI).
 #   bench/engine_bench.sh [iters]
-# Prints one JSON line per configuration (see `mmdit bench`). The f32/bf16 rows also replay
-# the forward's matrix products alone (--roofline true) and print forward_over_standalone_matmuls. Models are written once into
-# $MMDIT_BENCH_MODELS (default /tmp/mmdit-bench-models): seed-default is 1 GB in fp32.
+# Prints one JSON line per configuration (see `mmdit bench`), then issue 4's ratios from them.
+# The f32/bf16 rows also replay the forward's matrix products alone (--roofline true) and print
+# forward_over_standalone_matmuls. Models are written once into $MMDIT_BENCH_MODELS (default
+# /tmp/mmdit-bench-models): seed-default is 1 GB in fp32.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 iters="${1:-10}"
@@ -18,10 +19,13 @@ init() {  # init NAME ARGS...
 init seed-default --preset seed-default
 init sd3-medium-4l --preset sd3-medium --depth 4
 
-run() {  # run LABEL MODEL ARGS...
-  local label=$1 model=$2; shift 2
-  printf '%-34s ' "$label"
-  "$mmdit" bench --model "$models/$model" --iters "$iters" --warmup 2 "$@"
+results=$(mktemp)
+trap 'rm -f "$results"' EXIT
+run() {  # run LABEL MODEL ARGS...: prints and keeps "LABEL<TAB>JSON"
+  local label=$1 model=$2 json; shift 2
+  json=$("$mmdit" bench --model "$models/$model" --iters "${run_iters:-$iters}" --warmup 2 "$@")
+  printf '%-40s %s\n' "$label" "$json"
+  printf '%s\t%s\n' "$label" "$json" >> "$results"
 }
 for threads in 1 2; do
   run "seed-default b1 T32 threads=$threads" seed-default --batch 1 --img_tokens 64 --txt_tokens 32 --threads "$threads"
@@ -35,3 +39,41 @@ for dtype in f32 bf16; do
   run "sd3-medium 4 layers 32x32 b1 T77 $dtype" sd3-medium-4l --batch 1 --latent 16,32,32 --txt_tokens 77 "${common[@]}"
   run "sd3-medium 4 layers 32x32 b4 T77 $dtype" sd3-medium-4l --batch 4 --latent 16,32,32 --txt_tokens 77 "${common[@]}"
 done
+# SD3-medium at its production 1024x1024 (128x128 latent, 4096 image tokens), where attention
+# is a third of the f32 forward: bf16 over f32 there depends on bf16 attention.
+big_iters=$(( iters < 3 ? iters : 3 ))
+for dtype in f32 bf16; do
+  run_iters=$big_iters run "sd3-medium 4 layers 128x128 b1 T77 $dtype" sd3-medium-4l --batch 1 --latent 16,128,128 \
+    --txt_tokens 77 --threads 2 --dtype "$dtype"
+done
+# Batching, seed-default f32: batch 1 then batch 8, three rounds, so that the VM's drift hits
+# both alike; each round's ratio and their median.
+for round in 1 2 3; do
+  for batch in 1 8; do
+    run "batching round $round b$batch" seed-default --batch "$batch" --img_tokens 64 --txt_tokens 32 --threads 2
+  done
+done
+
+# Issue 4's ratios from the rows above.
+python3 - "$results" <<'PY'
+import json, statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    label, text = line.rstrip("\n").split("\t")
+    rows[label] = json.loads(text)
+ms = lambda label: rows[label]["median_ms"]
+print("\nforward / oneDNN matmuls alone (target <= 1.15):")
+for label, row in rows.items():
+    if "forward_over_standalone_matmuls" in row:
+        print(f"  {label:40s} {row['forward_over_standalone_matmuls']:.3f}")
+print("bf16 speed-up over f32 (target >= 1.7):")
+for label in rows:
+    if label.endswith(" bf16"):
+        print(f"  {label[:-5]:40s} {ms(label[:-5] + ' f32') / ms(label):.2f}x")
+print("two threads over one, seed-default f32 (target >= 1.8):")
+for b in (1, 8):
+    print(f"  b{b} {ms(f'seed-default b{b} T32 threads=1') / ms(f'seed-default b{b} T32 threads=2'):.2f}x")
+ratios = [8 * ms(f"batching round {r} b1") / ms(f"batching round {r} b8") for r in (1, 2, 3)]
+print("batching, seed-default f32, b8 over b1 samples/s (target >= 1.2): rounds "
+      + ", ".join(f"{r:.3f}" for r in ratios) + f"; median {statistics.median(ratios):.3f}")
+PY
