@@ -75,7 +75,8 @@ absl::Status Run(const Flags& flags) {
     const double median = Median(ms[d]);
     std::printf("%-5s %10.3f ms %8.1f GFLOP/s\n", ComputeDTypeName(dtypes[d]), median, gflop / median * 1e3);
   }
-  std::printf("bf16 speed-up %.2fx\n", Median(ms[0]) / Median(ms[1]));
+  std::printf("bf16 speed-up %.2fx%s\n", Median(ms[0]) / Median(ms[1]),
+              Bf16AttentionRuns(ComputeDType::kBF16, head_dim) ? "" : " (bf16 ran as float32 here)");
   return absl::OkStatus();
 }
 

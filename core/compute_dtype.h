@@ -9,8 +9,9 @@ namespace mmdit {
 
 // kBF16: weights held in bf16, activations bf16 into each product (LayerNorm + modulation
 // and the MLP's first product write them so; other inputs are converted on the way in),
-// float32 accumulation; everything outside the products (norms, softmax, attention,
-// residuals) computes in float32.
+// float32 accumulation. Attention's two products take bf16 inputs too where the CPU allows
+// (see Bf16AttentionRuns in layers.h). Everything else (norms, softmax, residuals) computes
+// in float32.
 enum class ComputeDType { kF32, kBF16 };
 
 // "f32" or "bf16". Errors: InvalidArgument naming `flag` and the accepted values.

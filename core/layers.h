@@ -79,6 +79,10 @@ struct AttentionStrides {
   int64_t input, output;
 };
 
+// Whether Attention with `compute` runs its products in bf16: bf16, on a CPU with AVX512_BF16
+// (`vdpbf16ps`), with heads whole vectors wide (16 | head_dim; every real MMDiT's is 64).
+bool Bf16AttentionRuns(ComputeDType compute, int64_t head_dim);
+
 // Floats of scratch Attention needs for sequences of these lengths on `threads` threads
 // (each thread packs one head at a time, so the head count does not enter).
 int64_t AttentionScratchFloats(absl::Span<const int64_t> lengths, int64_t head_dim, int threads);
@@ -89,8 +93,8 @@ int64_t AttentionScratchFloats(absl::Span<const int64_t> lengths, int64_t head_d
 // the scratch, where they stay in cache while its query rows run in register-blocked groups
 // with a vectorised exp; only a few rows of scores exist at a time (never an [L, L] matrix).
 // With `compute` bf16, the two products take bf16 inputs (q, k, the softmax weights and v
-// rounded to bf16; float32 sums), where the CPU has AVX512_BF16 and head_dim is a multiple of
-// 16; the softmax stays float32. Otherwise, and always with f32, everything is float32.
+// rounded to bf16; float32 sums) where Bf16AttentionRuns; the softmax stays float32.
+// Otherwise, and always with f32, everything is float32.
 void Attention(absl::Span<const AttentionSequence> sequences, int64_t heads, int64_t head_dim,
                const AttentionStrides& strides, ComputeDType compute, absl::Span<float> scratch);
 

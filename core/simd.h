@@ -1,69 +1,111 @@
-// What our own vector kernels (layers.cc, panel_gemm.cc) share: a 16-float vector type that
-// one kernel body compiles to for every instruction set, its helpers, and the CPU's
-// instruction set, for run-time dispatch. Internal to core/.
+// What our own vector kernels (layers.cc, panel_gemm.cc) share: vector types of one register
+// for each instruction set, their helpers, and the CPU's instruction set, for run-time
+// dispatch. Internal to core/.
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
+#include <utility>
 
 namespace mmdit::simd {
 
-constexpr int64_t kVector = 16;  // floats per Vec
-
-// Sixteen floats. GCC lowers it to one zmm register under AVX-512, two ymm under AVX2 and four
-// xmm on baseline x86-64, so one kernel body serves every instruction set. Loads and stores go
-// through VecUnaligned: scratch and activation rows are only float-aligned, and packed bf16
-// weights are loaded as float bits.
-// Vec never crosses a call between functions of different targets (every helper is
+// W floats: one zmm (W = 16, AVX-512), ymm (8, AVX2) or xmm (4, baseline x86-64). A kernel
+// that runs on every instruction set takes its vector type as a template parameter and is
+// instantiated at each one's native width: GCC 12 lowers a vector wider than the target's
+// registers through the stack (a 16-float vector under AVX2 made attention 25x slower than
+// under AVX-512, and LayerNorm 2x slower than scalar code). Loads and stores go through
+// FloatUnaligned: scratch and activation rows are only float-aligned, and packed bf16 weights
+// are loaded as float bits.
+// A vector never crosses a call between functions of different targets (every helper is
 // always_inline into one dispatch variant), so GCC's ABI note does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
-typedef float Vec __attribute__((vector_size(64)));
-typedef float VecUnaligned __attribute__((vector_size(64), aligned(4), may_alias));
-typedef int32_t IntVec __attribute__((vector_size(64)));
+template <int W>
+struct VectorTypes {
+  typedef float Float __attribute__((vector_size(4 * W)));
+  typedef float FloatUnaligned __attribute__((vector_size(4 * W), aligned(4), may_alias));
+  typedef int32_t Int __attribute__((vector_size(4 * W)));
+};
+template <int W>
+using VecOf = typename VectorTypes<W>::Float;
+template <typename V>
+constexpr int kLanes = sizeof(V) / sizeof(float);
 
-[[gnu::always_inline]] inline Vec Load(const float* p) { return *reinterpret_cast<const VecUnaligned*>(p); }
-[[gnu::always_inline]] inline void Store(float* p, Vec v) { *reinterpret_cast<VecUnaligned*>(p) = v; }
-// A shuffle of lane 0: GCC emits one broadcast (folded into an FMA's memory operand under
-// AVX-512). `Vec{} + x` would add 0 first (0 + -0 is +0, so that add cannot be folded), and
-// GCC 12 builds `Vec{x, x, ...}` lane by lane.
-[[gnu::always_inline]] inline Vec Broadcast(float x) {
-  const Vec lane0 = {x};
-  return __builtin_shufflevector(lane0, lane0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+constexpr int64_t kVector = 16;  // floats per Vec
+using Vec = VecOf<kVector>;      // AVX-512's: for kernels that only run there (PanelGemm)
+
+template <typename V = Vec>
+[[gnu::always_inline]] inline V Load(const float* p) {
+  return *reinterpret_cast<const typename VectorTypes<kLanes<V>>::FloatUnaligned*>(p);
+}
+template <typename V>
+[[gnu::always_inline]] inline void Store(float* p, V v) {
+  *reinterpret_cast<typename VectorTypes<kLanes<V>>::FloatUnaligned*>(p) = v;
+}
+// A shuffle of lane 0, its indices written out: GCC emits one broadcast (folded into an FMA's
+// memory operand under AVX-512) at every width. `V{} + x` would add 0 first (0 + -0 is +0, so
+// that add cannot always be folded), GCC 12 builds `V{x, x, ...}` lane by lane, and indices
+// from a parameter pack make it insert lane by lane too.
+template <typename V = Vec>
+[[gnu::always_inline]] inline V Broadcast(float x) {
+  const V lane0 = {x};
+  if constexpr (kLanes<V> == 16) {
+    return __builtin_shufflevector(lane0, lane0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  } else if constexpr (kLanes<V> == 8) {
+    return __builtin_shufflevector(lane0, lane0, 0, 0, 0, 0, 0, 0, 0, 0);
+  } else {
+    static_assert(kLanes<V> == 4);
+    return __builtin_shufflevector(lane0, lane0, 0, 0, 0, 0);
+  }
 }
 
 // Every lane = the maximum / the sum of v's lanes: a butterfly of lane swaps at distance
-// 8, 4, 2, 1, so the result needs no scalar extraction and no lane-by-lane chain.
-[[gnu::always_inline]] inline Vec Max(Vec a, Vec b) { return a > b ? a : b; }
-[[gnu::always_inline]] inline Vec AllLanesMax(Vec v) {
-  v = Max(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
-  v = Max(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
-  v = Max(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
-  return Max(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+// W/2, ..., 2, 1, so the result needs no scalar extraction and no lane-by-lane chain.
+template <int kDistance, typename V, int... kLane>
+[[gnu::always_inline]] inline V SwapLanes(V v, std::integer_sequence<int, kLane...>) {
+  return __builtin_shufflevector(v, v, (kLane ^ kDistance)...);
 }
-[[gnu::always_inline]] inline Vec AllLanesSum(Vec v) {
-  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  return v + __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+template <typename V, typename Op>
+[[gnu::always_inline]] inline V Butterfly(V v, Op op) {
+  constexpr auto lanes = std::make_integer_sequence<int, kLanes<V>>{};
+  if constexpr (kLanes<V> >= 16) v = op(v, SwapLanes<8>(v, lanes));
+  if constexpr (kLanes<V> >= 8) v = op(v, SwapLanes<4>(v, lanes));
+  v = op(v, SwapLanes<2>(v, lanes));
+  return op(v, SwapLanes<1>(v, lanes));
+}
+template <typename V>
+[[gnu::always_inline]] inline V Max(V a, V b) {
+  return a > b ? a : b;
+}
+template <typename V>
+[[gnu::always_inline]] inline V AllLanesMax(V v) {
+  return Butterfly(v, [](V a, V b) { return Max(a, b); });
+}
+template <typename V>
+[[gnu::always_inline]] inline V AllLanesSum(V v) {
+  return Butterfly(v, [](V a, V b) { return a + b; });
 }
 
 // e^x for x <= 0 (softmax arguments after the row maximum is subtracted), below 2 ulp:
 // x = n ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial, times 2^n built in
 // the exponent bits. Arguments under -87 flush to e^-87 (~1e-38): a zero softmax weight at
 // float32 precision.
-[[gnu::always_inline]] inline Vec ExpNonPositive(Vec x) {
-  x = x < -87.0f ? Broadcast(-87.0f) : x;
-  const Vec t = x * 1.44269504088896341f + 0.5f;
-  IntVec n = __builtin_convertvector(t, IntVec);                       // truncates toward zero
-  n += reinterpret_cast<IntVec>(t < __builtin_convertvector(n, Vec));  // -1 where that rounded up: floor
-  const Vec nf = __builtin_convertvector(n, Vec);
-  const Vec r = x - nf * 0.693145751953125f - nf * 1.428606765330187e-06f;
-  Vec p = r * (1.0f / 720) + (1.0f / 120);
+template <typename V>
+[[gnu::always_inline]] inline V ExpNonPositive(V x) {
+  using IntV = typename VectorTypes<kLanes<V>>::Int;
+  x = x < -87.0f ? Broadcast<V>(-87.0f) : x;
+  const V t = x * 1.44269504088896341f + 0.5f;
+  IntV n = __builtin_convertvector(t, IntV);                       // truncates toward zero
+  n += reinterpret_cast<IntV>(t < __builtin_convertvector(n, V));  // -1 where that rounded up: floor
+  const V nf = __builtin_convertvector(n, V);
+  const V r = x - nf * 0.693145751953125f - nf * 1.428606765330187e-06f;
+  V p = r * (1.0f / 720) + (1.0f / 120);
   p = p * r + (1.0f / 24);
   p = p * r + (1.0f / 6);
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  return p * reinterpret_cast<Vec>((n + 127) << 23);
+  return p * reinterpret_cast<V>((n + 127) << 23);
 }
 
 // The instruction set a kernel variant is built for; binaries are built for any x86-64 (no
@@ -74,16 +116,24 @@ enum class Isa { kAvx512, kAvx2, kBaseline };
 #define MMDIT_TARGET_AVX512 gnu::target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
 #define MMDIT_TARGET_AVX2 gnu::target("avx2,fma")
 
-// This CPU's, detected once.
+// This CPU's, detected once. MMDIT_MAX_ISA=avx2 or =baseline caps it (never raises it), so
+// that the tests can run every variant on one machine (tests/CMakeLists.txt) and a user can
+// rule our AVX-512 kernels out.
 inline Isa CpuIsa() {
   static const Isa isa = [] {
     __builtin_cpu_init();
+    Isa detected = Isa::kBaseline;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
-      return Isa::kAvx512;
+      detected = Isa::kAvx512;
+    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      detected = Isa::kAvx2;
     }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-    return Isa::kBaseline;
+    const char* cap = std::getenv("MMDIT_MAX_ISA");
+    const std::string_view limit = cap == nullptr ? "" : cap;
+    if (limit == "baseline") return Isa::kBaseline;
+    if (limit == "avx2" && detected == Isa::kAvx512) return Isa::kAvx2;
+    return detected;
   }();
   return isa;
 }
