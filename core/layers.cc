@@ -336,7 +336,7 @@ template <typename V, int kRows, ComputeDType kDType>
   }
 }
 
-// A thread's working rows: kRowGroup rows of scores (padded_length floats apart) and, in bf16,
+// A thread's working rows: kRowGroup<V> rows of scores (padded_length floats apart) and, in bf16,
 // the same rows' weights and queries in bf16.
 struct AttentionRows {
   float* scores;
