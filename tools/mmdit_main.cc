@@ -4,7 +4,7 @@
 //   mmdit inspect --model DIR [--img_tokens N]
 //   mmdit init    --out DIR --preset NAME --seed S [--weights_dtype f32|bf16|f16] [size overrides]
 //   mmdit bench   --model DIR --batch B (--img_tokens N | --latent C,H,W) --txt_tokens T [--iters K] [--warmup W]
-//                 [--threads N] [--dtype f32|bf16] [--roofline true]
+//                 [--threads N] [--dtype f32|bf16] [--roofline true] [--baseline_batch B0]
 // Exit 0 on success; on error one line on stderr naming the problem, exit 1 (2 for usage).
 #include <omp.h>
 
@@ -40,10 +40,12 @@ constexpr char kUsage[] =
     "          --num_heads --mlp_ratio --img_dim --txt_dim --cond_dim --patch_size --in_channels\n"
     "          --out_channels --pos_embed_max_size --sample_size --qk_norm true|false]\n"
     "  bench   --model DIR --batch B (--img_tokens N | --latent C,H,W) --txt_tokens T [--iters K]\n"
-    "          [--warmup W] [--threads N] [--dtype f32|bf16] [--roofline true]\n"
+    "          [--warmup W] [--threads N] [--dtype f32|bf16] [--roofline true] [--baseline_batch B0]\n"
     "          --roofline also times the forward's matrix products alone, on oneDNN's matmul\n"
     "          (standalone_matmul_ms, the roofline) and as the engine runs them\n"
-    "          (standalone_products_ms), and prints the forward's ratio to each\n";
+    "          (standalone_products_ms), and prints the forward's ratio to each\n"
+    "          --baseline_batch also times a forward of the first B0 samples before each forward\n"
+    "          (baseline_median_ms) and prints samples/s over theirs (throughput_over_baseline)\n";
 
 absl::Status SetThreads(const Flags& flags) {
   ASSIGN_OR_RETURN(int64_t threads, flags.Int("threads", 0));
@@ -211,11 +213,27 @@ absl::Status Bench(const Flags& flags) {
     RETURN_IF_ERROR(engine->ValidateSample(s));
     tokens.push_back(engine->TokensOf(s));
   }
-  std::vector<double> times_ms;
-  for (int64_t i = 0; i < warmup + iters; ++i) {
+  // With --baseline_batch, each iteration also runs a forward of the first baseline_batch
+  // samples, just before the full one: the two are compared under the same conditions (this
+  // VM's speed drifts by 5-10 % over minutes, enough to decide a ratio measured in two runs).
+  ASSIGN_OR_RETURN(int64_t baseline_batch, flags.Int("baseline_batch", 0));
+  if (baseline_batch < 0 || baseline_batch > batch) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--baseline_batch must be between 1 and --batch (", batch, "), got ", baseline_batch));
+  }
+  const absl::Span<const SampleInput> baseline_samples = absl::MakeConstSpan(samples).first(baseline_batch);
+  auto time_forward_ms = [&engine](absl::Span<const SampleInput> forward_samples) -> absl::StatusOr<double> {
     const auto start = std::chrono::steady_clock::now();
-    ASSIGN_OR_RETURN(std::vector<Tensor> outputs, engine->Forward(samples));
-    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+    RETURN_IF_ERROR(engine->Forward(forward_samples).status());
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  };
+  std::vector<double> times_ms, baseline_times_ms;
+  for (int64_t i = 0; i < warmup + iters; ++i) {
+    if (baseline_batch > 0) {
+      ASSIGN_OR_RETURN(double baseline_ms, time_forward_ms(baseline_samples));
+      if (i >= warmup) baseline_times_ms.push_back(baseline_ms);
+    }
+    ASSIGN_OR_RETURN(double ms, time_forward_ms(samples));
     if (i >= warmup) times_ms.push_back(ms);
   }
   const double gflop = ForwardFlops(c, tokens) / 1e9, median = Percentile(times_ms, 0.5);
@@ -231,6 +249,15 @@ absl::Status Bench(const Flags& flags) {
       {"gflop_per_forward", gflop},
       {"gflops", gflop / (median / 1e3)},
   };
+  if (baseline_batch > 0) {
+    const double baseline_median = Percentile(baseline_times_ms, 0.5);
+    result["baseline_batch"] = baseline_batch;
+    result["baseline_median_ms"] = baseline_median;
+    result["baseline_p10_ms"] = Percentile(baseline_times_ms, 0.1);
+    result["baseline_p90_ms"] = Percentile(baseline_times_ms, 0.9);
+    // Samples per second at --batch over those at --baseline_batch, from the medians.
+    result["throughput_over_baseline"] = (batch / median) / (baseline_batch / baseline_median);
+  }
   ASSIGN_OR_RETURN(bool roofline, flags.Bool("roofline", false));
   if (roofline) {
     // The same forward's products replayed alone, in this process, right after the forwards.
@@ -269,7 +296,7 @@ int Main(int argc, char** argv) {
        {"out", "preset", "seed", "weights_dtype", "hidden_size", "depth", "num_heads", "mlp_ratio", "img_dim",
         "txt_dim", "cond_dim", "patch_size", "in_channels", "out_channels", "pos_embed_max_size", "sample_size",
         "qk_norm"}},
-      {"bench", Bench, {"model", "batch", "img_tokens", "latent", "txt_tokens", "iters", "warmup", "threads", "dtype", "roofline"}},
+      {"bench", Bench, {"model", "batch", "img_tokens", "latent", "txt_tokens", "iters", "warmup", "threads", "dtype", "roofline", "baseline_batch"}},
   };
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "help") {
     std::cerr << kUsage;

@@ -117,6 +117,20 @@ TEST(MmditTool, InitInspectAndBenchASmallPreset) {
   }
   EXPECT_GT(bench["gflop_per_forward"].get<double>(), 0);
   EXPECT_EQ(bench["dtype"], "bf16");
+  EXPECT_FALSE(bench.contains("throughput_over_baseline"));
+
+  // Against an interleaved baseline batch: both timed, and samples/s compared.
+  run = Mmdit("bench --model " + dir +
+              " --batch 2 --baseline_batch 1 --latent 16,8,12 --txt_tokens 5 --iters 3 --warmup 0 --threads 1");
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  const auto compared = nlohmann::json::parse(run.output);
+  EXPECT_EQ(compared["baseline_batch"], 1);
+  const double baseline_ms = compared["baseline_median_ms"].get<double>(), ms = compared["median_ms"].get<double>();
+  ASSERT_GT(baseline_ms, 0);
+  EXPECT_DOUBLE_EQ(compared["throughput_over_baseline"].get<double>(), (2 / ms) / (1 / baseline_ms));
+  run = Mmdit("bench --model " + dir + " --batch 2 --baseline_batch 3 --latent 16,8,12 --txt_tokens 5");
+  EXPECT_EQ(run.exit_code, 1);
+  EXPECT_THAT(run.output, HasSubstr("--baseline_batch must be between 1 and --batch (2), got 3"));
 
   // The same seed writes the same weights.
   const std::string again = dir + "_again";
