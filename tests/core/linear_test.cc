@@ -2,6 +2,7 @@
 #include "core/linear.h"
 
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -9,6 +10,7 @@
 #include <vector>
 
 #include "core/dtype.h"
+#include "core/panel_gemm.h"
 #include "tests/core/test_util.h"
 
 namespace mmdit {
@@ -126,6 +128,41 @@ INSTANTIATE_TEST_SUITE_P(ShapesAndEpilogues, PanelGemmLinearTest,
                                             ::testing::Values(Epilogue::kNone, Epilogue::kGeluTanh),
                                             ::testing::Values(ComputeDType::kF32, ComputeDType::kBF16),
                                             ::testing::Bool()));
+
+class PanelGemmThreadsTest : public ::testing::TestWithParam<ComputeDType> {};
+
+// PanelGemm hands its units (panel x row block) out to the threads, which take them from each
+// other's shares once their own are done: whatever the thread count, every output is computed
+// once, the same way, so the results are bitwise those of one thread. 7 threads on this
+// machine's cores steal often; 70 is more threads than have shares (they only steal).
+TEST_P(PanelGemmThreadsTest, EveryThreadCountGivesTheOneThreadResult) {
+  const ComputeDType compute = GetParam();
+  if (!PanelGemmAvailable(compute == ComputeDType::kBF16 ? PanelDType::kBF16 : PanelDType::kF32)) {
+    GTEST_SKIP() << "this CPU runs no PanelGemm in " << ComputeDTypeName(compute);
+  }
+  auto context = Context(compute, true);
+  ASSERT_NE(context, nullptr);
+  const int64_t in = 2100, out = 130;  // depth blocks (partial sums in y), three panels
+  const LinearWeights weights{RandomTensor({out, in}, 1, 0.05f), RandomTensor({out}, 2)};
+  auto linear = Linear::Create(*context, weights, Epilogue::kGeluTanh);
+  ASSERT_TRUE(linear.ok()) << linear.status();
+  const int threads_before = omp_get_max_threads();
+  for (int64_t rows : {9, 1000}) {  // one unit per panel; panels cut into row blocks
+    const Tensor x = RandomTensor({rows, in}, 3 + rows);
+    Tensor one_thread({rows, out});
+    omp_set_num_threads(1);
+    ASSERT_TRUE(linear->Forward(x.data.data(), rows, one_thread.data.data()).ok());
+    for (int threads : {2, 3, 7, 70}) {
+      Tensor y({rows, out});
+      omp_set_num_threads(threads);
+      ASSERT_TRUE(linear->Forward(x.data.data(), rows, y.data.data()).ok());
+      EXPECT_EQ(y.data, one_thread.data) << rows << " rows, " << threads << " threads";
+    }
+  }
+  omp_set_num_threads(threads_before);
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, PanelGemmThreadsTest, ::testing::Values(ComputeDType::kF32, ComputeDType::kBF16));
 
 class StackedLinearTest : public ::testing::TestWithParam<std::tuple<int64_t, ComputeDType, bool>> {};
 
