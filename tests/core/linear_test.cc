@@ -129,6 +129,35 @@ INSTANTIATE_TEST_SUITE_P(ShapesAndEpilogues, PanelGemmLinearTest,
                                             ::testing::Values(ComputeDType::kF32, ComputeDType::kBF16),
                                             ::testing::Bool()));
 
+// GELU-tanh as PanelGemm's epilogue computes it (its own exp and reciprocal), on one input
+// through a unit weight: from far below zero (where it is 0 to float precision) through zero
+// to far above it (where it is x), and NaN stays NaN.
+TEST(PanelGemmGeluTest, MatchesTheFormulaOverTheWholeRange) {
+  if (!PanelGemmAvailable(PanelDType::kF32)) GTEST_SKIP() << "this CPU runs no PanelGemm";
+  auto context = Context(ComputeDType::kF32, true);
+  ASSERT_NE(context, nullptr);
+  const LinearWeights weights{Tensor({1, 1}, {1.0f}), Tensor({1}, {0.0f})};
+  auto linear = Linear::Create(*context, weights, Epilogue::kGeluTanh);
+  ASSERT_TRUE(linear.ok()) << linear.status();
+  std::vector<float> inputs = {0.0f, -0.0f, NAN};
+  for (float magnitude = 1e-3f; magnitude < 1e5f; magnitude *= 1.07f) {
+    inputs.push_back(magnitude);
+    inputs.push_back(-magnitude);
+  }
+  std::vector<float> outputs(inputs.size());
+  ASSERT_TRUE(linear->Forward(inputs.data(), static_cast<int64_t>(inputs.size()), outputs.data()).ok());
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const double x = inputs[i];
+    if (std::isnan(x)) {
+      EXPECT_TRUE(std::isnan(outputs[i]));
+      continue;
+    }
+    const double expected = 0.5 * x * (1 + std::tanh(std::sqrt(2 / M_PI) * (x + 0.044715 * x * x * x)));
+    // Relative: float's rounding of t = -2u is carried into e^t, |t| x 6e-8 (1e-6 at x = -4).
+    EXPECT_NEAR(outputs[i], expected, 1e-12 + 2e-6 * std::abs(expected)) << "x = " << x;
+  }
+}
+
 class PanelGemmThreadsTest : public ::testing::TestWithParam<ComputeDType> {};
 
 // PanelGemm hands its units (panel x row block) out to the threads, which take them from each
