@@ -33,14 +33,15 @@ constexpr int64_t kDepthBlock = 1024;
 // sd3-medium's shapes, 5 % faster than one run: gemm_bench's ratio to oneDNN 0.980 -> 1.027).
 constexpr int64_t kChunkRows = 1024;
 
-// Weights stream from DRAM while the multiply-adds run: every pass of a panel prefetches its
-// share of the next panel, so the whole panel's time covers the next one's transfer. A
-// thread's first panel has no predecessor: its first pass reads kLookaheadSteps panel rows
-// (of 192 bytes: ~18 KB) ahead of itself.
+// Weights stream from DRAM while the multiply-adds run: when a thread's next unit of work is
+// on another panel, every pass of the current unit prefetches its share of that panel, so the
+// unit's whole time covers the transfer. A unit whose panel nobody prefetched for this thread
+// (its first, or one taken from another thread's share) reads kLookaheadSteps panel rows (of
+// 192 bytes: ~18 KB) ahead of itself in its first pass.
 constexpr int64_t kLookaheadSteps = 96;
 
-// Work units per thread a product is cut into (see PanelGemm), and the fewest row tiles of a
-// panel one unit covers.
+// Work units per thread a product is cut into when it has fewer panels (see PanelGemm), and
+// the fewest row tiles of a panel one unit covers.
 constexpr int64_t kUnitsPerThread = 32;
 constexpr int64_t kMinBlockTiles = 8;
 // Threads with a share of their own; any beyond steal only (the shares live on the stack).
@@ -56,7 +57,9 @@ class UnitShare {
   int64_t TakeBack() { return Take(false); }
 
  private:
-  static uint64_t Pack(int64_t front, int64_t back) { return static_cast<uint64_t>(front) << 32 | static_cast<uint32_t>(back); }
+  static uint64_t Pack(int64_t front, int64_t back) {
+    return static_cast<uint64_t>(front) << 32 | static_cast<uint32_t>(back);
+  }
   int64_t Take(bool front_end) {
     uint64_t bits = bits_.load(std::memory_order_relaxed);
     for (;;) {
@@ -77,15 +80,15 @@ int64_t ElementBytes(PanelDType dtype) { return dtype == PanelDType::kBF16 ? 2 :
 // GELU with the tanh approximation: 0.5 x (1 + tanh(u)) = x / (1 + e^t), t = -2u, u =
 // sqrt(2/pi) (x + 0.044715 x^3). It runs on every output of the MLP's first product, so it is
 // written in few instructions: e^t as 2^n p(r), n rounded (vrndscaleps) and put in by
-// vscalefps, and the division as vrcp14ps plus one Newton step (relative error about 1e-8).
-// t is clamped to [-100, 80]: from below so that r = t - n ln 2 stays exact (the result there
-// is x), from above so that 1 + e^t and its reciprocal stay normal floats (the result there,
-// x e^-80 for x below about -10, is 0 to float precision).
+// vscalefps, and the division as vrcp14ps plus one Newton step (within about an ulp). t is
+// clamped to [-87, 80], so that e^t, 1 + e^t and its reciprocal stay normal floats (no slow
+// subnormal arithmetic, and r = t - n ln 2 stays exact): below, the result is x to float
+// precision; above, it is x e^-80 for x below about -10, which is 0 to float precision.
 [[MMDIT_TARGET_AVX512, gnu::always_inline]] inline Vec GeluTanh(Vec x) {
   constexpr float kMinus2Sqrt2OverPi = -2 * 0.7978845608028654f;
   const Vec minus_2u = x * (kMinus2Sqrt2OverPi + (kMinus2Sqrt2OverPi * 0.044715f) * x * x);
   // A NaN x gives t = 80, and a NaN result through the last product.
-  const Vec t = minus_2u < 80.0f ? (minus_2u > -100.0f ? minus_2u : simd::Broadcast(-100.0f)) : simd::Broadcast(80.0f);
+  const Vec t = minus_2u < 80.0f ? (minus_2u > -87.0f ? minus_2u : simd::Broadcast(-87.0f)) : simd::Broadcast(80.0f);
   // The intrinsics' all-lanes forms start from an undefined vector, which GCC 12 warns about:
   // these are the masked forms with every lane set.
   constexpr __mmask16 kAll = 0xffff;
@@ -241,12 +244,11 @@ void PanelGemm(const PanelProduct& product) {
   // blocks when there are fewer than kUnitsPerThread panels per thread, at least
   // kMinBlockTiles tiles each, so that a block's multiply time still covers the next panel's
   // prefetch.
+  if (rows == 0 || out == 0) return;
   const int64_t panels = RoundUp(out, kPanelColumns) / kPanelColumns;
   const int64_t threads = omp_get_max_threads();
   const int64_t wanted_row_blocks = RoundUp(kUnitsPerThread * threads, panels) / panels;
-  const int64_t block_count = std::clamp<int64_t>(wanted_row_blocks, 1, std::max<int64_t>(1, tiles / kMinBlockTiles));
-  const int64_t block_tiles = RoundUp(tiles, block_count) / block_count;
-  const int64_t row_blocks = RoundUp(tiles, block_tiles) / block_tiles;
+  const int64_t row_blocks = std::clamp<int64_t>(wanted_row_blocks, 1, std::max<int64_t>(1, tiles / kMinBlockTiles));
   const int64_t units = panels * row_blocks;
   const int64_t shares = std::min(threads, kMaxShares);
   std::array<UnitShare, kMaxShares> share;
@@ -277,8 +279,9 @@ void PanelGemm(const PanelProduct& product) {
       const char* panel = packed + p * panel_bytes;
       const char* next_panel = next_p >= 0 && next_p != p ? packed + next_p * panel_bytes : nullptr;
       const bool cold = cached_panel != p;  // not prefetched: the first pass reads ahead of itself
-      const int64_t first_tile = unit % row_blocks * block_tiles;
-      const int64_t unit_tiles = std::min(block_tiles, tiles - first_tile);
+      const int64_t row_block = unit % row_blocks;  // tiles split evenly: blocks differ by one at most
+      const int64_t first_tile = row_block * tiles / row_blocks;
+      const int64_t unit_tiles = (row_block + 1) * tiles / row_blocks - first_tile;
       const int64_t column = p * kPanelColumns, columns = std::min(kPanelColumns, out - column);
       // The last panel's columns past `out` exist only in the packed weights, and bf16
       // results are rounded once, from their final sums: such a panel's sums go through a

@@ -39,8 +39,9 @@ struct PanelProduct {
   void* y;                   // rows `out` elements apart
 };
 
-// Runs `product`, parallel over panels with OpenMP; more than 1024 rows in chunks. Requires
-// PanelGemmAvailable(dtype).
+// Runs `product`, parallel with OpenMP over units of a panel x a block of rows (threads take
+// units from each other's shares once their own are done); more than 1024 rows in chunks.
+// Requires PanelGemmAvailable(dtype).
 void PanelGemm(const PanelProduct& product);
 
 // dst[i] = bf16(src[i]) (round to nearest even), parallel with OpenMP; for a float32 input

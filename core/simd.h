@@ -102,8 +102,8 @@ template <typename V>
 }
 
 // e^x for x <= 0 (softmax arguments after the row maximum is subtracted), below 2 ulp:
-// x = n ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial, times 2^n built in
-// the exponent bits. Arguments under -87 flush to e^-87 (~1e-38): a zero softmax weight at
+// x = n ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial, times 2^n (built in
+// the exponent bits, or by vscalefps at AVX-512's width). Arguments under -87 flush to e^-87 (~1e-38): a zero softmax weight at
 // float32 precision.
 template <typename V>
 [[gnu::always_inline]] inline V ExpNonPositive(V x) {
@@ -140,7 +140,6 @@ template <typename V>
 enum class Isa { kAvx512, kAvx2, kBaseline };
 #define MMDIT_TARGET_AVX512 gnu::target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
 #define MMDIT_TARGET_AVX2 gnu::target("avx2,fma")
-
 
 // This CPU's, detected once. MMDIT_MAX_ISA=avx2 or =baseline caps it (never raises it), so
 // that the tests can run every variant on one machine (tests/CMakeLists.txt) and a user can

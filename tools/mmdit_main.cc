@@ -178,6 +178,11 @@ absl::Status Bench(const Flags& flags) {
   if (batch < 1 || txt_tokens < 1 || iters < 1 || warmup < 0) {
     return absl::InvalidArgumentError("--batch, --txt_tokens and --iters must be >= 1, --warmup >= 0");
   }
+  ASSIGN_OR_RETURN(int64_t baseline_batch, flags.Int("baseline_batch", 0));  // 0: no baseline
+  if (flags.Has("baseline_batch") && (baseline_batch < 1 || baseline_batch > batch)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--baseline_batch must be between 1 and --batch (", batch, "), got ", baseline_batch));
+  }
   ASSIGN_OR_RETURN(EngineOptions options, ReadEngineOptions(flags));
   ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Load(model_dir, options));
   const ModelConfig& c = engine->config();
@@ -216,11 +221,6 @@ absl::Status Bench(const Flags& flags) {
   // With --baseline_batch, each iteration also runs a forward of the first baseline_batch
   // samples, just before the full one: the two are compared under the same conditions (this
   // VM's speed drifts by 5-10 % over minutes, enough to decide a ratio measured in two runs).
-  ASSIGN_OR_RETURN(int64_t baseline_batch, flags.Int("baseline_batch", 0));
-  if (baseline_batch < 0 || baseline_batch > batch) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--baseline_batch must be between 1 and --batch (", batch, "), got ", baseline_batch));
-  }
   const absl::Span<const SampleInput> baseline_samples = absl::MakeConstSpan(samples).first(baseline_batch);
   auto time_forward_ms = [&engine](absl::Span<const SampleInput> forward_samples) -> absl::StatusOr<double> {
     const auto start = std::chrono::steady_clock::now();
@@ -296,7 +296,10 @@ int Main(int argc, char** argv) {
        {"out", "preset", "seed", "weights_dtype", "hidden_size", "depth", "num_heads", "mlp_ratio", "img_dim",
         "txt_dim", "cond_dim", "patch_size", "in_channels", "out_channels", "pos_embed_max_size", "sample_size",
         "qk_norm"}},
-      {"bench", Bench, {"model", "batch", "img_tokens", "latent", "txt_tokens", "iters", "warmup", "threads", "dtype", "roofline", "baseline_batch"}},
+      {"bench",
+       Bench,
+       {"model", "batch", "img_tokens", "latent", "txt_tokens", "iters", "warmup", "threads", "dtype", "roofline",
+        "baseline_batch"}},
   };
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "help") {
     std::cerr << kUsage;

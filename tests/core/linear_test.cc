@@ -163,7 +163,8 @@ class PanelGemmThreadsTest : public ::testing::TestWithParam<ComputeDType> {};
 // PanelGemm hands its units (panel x row block) out to the threads, which take them from each
 // other's shares once their own are done: whatever the thread count, every output is computed
 // once, the same way, so the results are bitwise those of one thread. 7 threads on this
-// machine's cores steal often; 70 is more threads than have shares (they only steal).
+// machine's cores steal often; 70 is more threads than have shares (they only steal). In bf16
+// the outputs are bf16 too (summed in a float32 tile, then rounded).
 TEST_P(PanelGemmThreadsTest, EveryThreadCountGivesTheOneThreadResult) {
   const ComputeDType compute = GetParam();
   if (!PanelGemmAvailable(compute == ComputeDType::kBF16 ? PanelDType::kBF16 : PanelDType::kF32)) {
@@ -173,18 +174,19 @@ TEST_P(PanelGemmThreadsTest, EveryThreadCountGivesTheOneThreadResult) {
   ASSERT_NE(context, nullptr);
   const int64_t in = 2100, out = 130;  // depth blocks (partial sums in y), three panels
   const LinearWeights weights{RandomTensor({out, in}, 1, 0.05f), RandomTensor({out}, 2)};
-  auto linear = Linear::Create(*context, weights, Epilogue::kGeluTanh);
+  const RowsDType output = compute == ComputeDType::kBF16 ? RowsDType::kCompute : RowsDType::kF32;
+  auto linear = Linear::Create(*context, weights, Epilogue::kGeluTanh, RowsDType::kF32, output);
   ASSERT_TRUE(linear.ok()) << linear.status();
   const int threads_before = omp_get_max_threads();
   for (int64_t rows : {9, 1000}) {  // one unit per panel; panels cut into row blocks
     const Tensor x = RandomTensor({rows, in}, 3 + rows);
-    Tensor one_thread({rows, out});
+    Tensor one_thread({rows, out});  // room for float32 outputs; bf16 ones fill half
     omp_set_num_threads(1);
-    ASSERT_TRUE(linear->Forward(x.data.data(), rows, one_thread.data.data()).ok());
+    ASSERT_TRUE(linear->ForwardRows(x.data.data(), rows, one_thread.data.data()).ok());
     for (int threads : {2, 3, 7, 70}) {
       Tensor y({rows, out});
       omp_set_num_threads(threads);
-      ASSERT_TRUE(linear->Forward(x.data.data(), rows, y.data.data()).ok());
+      ASSERT_TRUE(linear->ForwardRows(x.data.data(), rows, y.data.data()).ok());
       EXPECT_EQ(y.data, one_thread.data) << rows << " rows, " << threads << " threads";
     }
   }

@@ -128,9 +128,11 @@ TEST(MmditTool, InitInspectAndBenchASmallPreset) {
   const double baseline_ms = compared["baseline_median_ms"].get<double>(), ms = compared["median_ms"].get<double>();
   ASSERT_GT(baseline_ms, 0);
   EXPECT_DOUBLE_EQ(compared["throughput_over_baseline"].get<double>(), (2 / ms) / (1 / baseline_ms));
-  run = Mmdit("bench --model " + dir + " --batch 2 --baseline_batch 3 --latent 16,8,12 --txt_tokens 5");
-  EXPECT_EQ(run.exit_code, 1);
-  EXPECT_THAT(run.output, HasSubstr("--baseline_batch must be between 1 and --batch (2), got 3"));
+  for (const char* bad : {"3", "0"}) {
+    run = Mmdit("bench --model " + dir + " --batch 2 --baseline_batch " + bad + " --latent 16,8,12 --txt_tokens 5");
+    EXPECT_EQ(run.exit_code, 1);
+    EXPECT_THAT(run.output, HasSubstr(std::string("--baseline_batch must be between 1 and --batch (2), got ") + bad));
+  }
 
   // The same seed writes the same weights.
   const std::string again = dir + "_again";
