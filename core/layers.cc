@@ -15,7 +15,7 @@ namespace mmdit {
 namespace {
 
 using simd::Broadcast;
-using simd::ExpNonPositive;
+using simd::Exp;
 using simd::Isa;
 using simd::kLanes;
 using simd::Load;
@@ -274,13 +274,13 @@ template <typename V, int kRows, ComputeDType kDType>
 
 // Over one row of padded scores: p_j = exp(s_j - max), written to `weights` (in place, or as
 // bf16); returns sum_j p_j (of the float32 values) in every lane. Padding (-inf) becomes
-// e^-87 (ExpNonPositive's floor): the row's maximum contributes 1 to the sum, so 31 such terms
+// e^-87 (Exp's floor): the row's maximum contributes 1 to the sum, so 31 such terms
 // cannot change it, and the padding's values are zero.
 template <typename V, typename Weight>
 [[gnu::always_inline]] inline V SoftmaxNumerators(float* scores, int64_t padded_length, V max_score, Weight* weights) {
   V sum = {};
   for (int64_t j = 0; j < padded_length; j += kLanes<V>) {
-    const V p = ExpNonPositive(Load<V>(scores + j) - max_score);
+    const V p = Exp(Load<V>(scores + j) - max_score);
     if constexpr (std::is_same_v<Weight, uint16_t>) {  // bf16: AVX-512 only
       *reinterpret_cast<Bf16Types<simd::kVector>::Halves*>(weights + j) = simd::RoundToBf16(p);
     } else {

@@ -79,34 +79,21 @@ int64_t ElementBytes(PanelDType dtype) { return dtype == PanelDType::kBF16 ? 2 :
 
 // GELU with the tanh approximation: 0.5 x (1 + tanh(u)) = x / (1 + e^t), t = -2u, u =
 // sqrt(2/pi) (x + 0.044715 x^3). It runs on every output of the MLP's first product, so it is
-// written in few instructions: e^t as 2^n p(r), n rounded (vrndscaleps) and put in by
-// vscalefps, and the division as vrcp14ps plus one Newton step (within about an ulp). t is
-// clamped to [-87, 80], so that e^t, 1 + e^t and its reciprocal stay normal floats (no slow
-// subnormal arithmetic, and r = t - n ln 2 stays exact): below, the result is x to float
-// precision; above, it is x e^-80 for x below about -10, which is 0 to float precision.
+// written in few instructions: simd::Exp (vrndscaleps and vscalefps here), and the division
+// as vrcp14ps plus one Newton step (within about an ulp). t is capped at 80 so that 1 + e^t
+// and its reciprocal stay normal floats (no slow subnormal arithmetic): the result there, x
+// e^-80 for x below about -10, is 0 to float precision. Below -87, Exp gives e^-87, and the
+// result is x.
 [[MMDIT_TARGET_AVX512, gnu::always_inline]] inline Vec GeluTanh(Vec x) {
   constexpr float kMinus2Sqrt2OverPi = -2 * 0.7978845608028654f;
   const Vec minus_2u = x * (kMinus2Sqrt2OverPi + (kMinus2Sqrt2OverPi * 0.044715f) * x * x);
   // A NaN x gives t = 80, and a NaN result through the last product.
-  const Vec t = minus_2u < 80.0f ? (minus_2u > -87.0f ? minus_2u : simd::Broadcast(-87.0f)) : simd::Broadcast(80.0f);
-  // The intrinsics' all-lanes forms start from an undefined vector, which GCC 12 warns about:
-  // these are the masked forms with every lane set.
-  constexpr __mmask16 kAll = 0xffff;
-  const __m512 scaled = reinterpret_cast<__m512>(t * 1.44269504088896341f);
-  const Vec n = reinterpret_cast<Vec>(
-      _mm512_mask_roundscale_ps(scaled, kAll, scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  const Vec r = t - n * 0.693145751953125f - n * 1.428606765330187e-06f;  // |r| <= ln(2) / 2
-  Vec p = r * (1.0f / 720) + (1.0f / 120);
-  p = p * r + (1.0f / 24);
-  p = p * r + (1.0f / 6);
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const __m512 p_bits = reinterpret_cast<__m512>(p);
-  const Vec denominator =
-      1.0f + reinterpret_cast<Vec>(_mm512_mask_scalef_ps(p_bits, kAll, p_bits, reinterpret_cast<__m512>(n)));
+  const Vec t = minus_2u < 80.0f ? minus_2u : simd::Broadcast(80.0f);
+  const Vec denominator = 1.0f + simd::Exp(t);
+  // The intrinsic's all-lanes form starts from an undefined vector, which GCC 12 warns about:
+  // this is the masked form with every lane set.
   const __m512 denominator_bits = reinterpret_cast<__m512>(denominator);
-  const Vec reciprocal = reinterpret_cast<Vec>(_mm512_mask_rcp14_ps(denominator_bits, kAll, denominator_bits));
+  const Vec reciprocal = reinterpret_cast<Vec>(_mm512_mask_rcp14_ps(denominator_bits, 0xffff, denominator_bits));
   return x * (reciprocal * (2.0f - denominator * reciprocal));
 }
 

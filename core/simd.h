@@ -86,9 +86,9 @@ template <typename V>
   return Butterfly(v, [](V a, V b) { return a + b; });
 }
 
-// At AVX-512's width (only ever inlined into AVX-512 code), ExpNonPositive below rounds n
-// with vrndscaleps and applies 2^n with vscalefps: 12 instructions instead of 17, and softmax
-// runs it on every score. Written as asm because the templates that inline it carry no target
+// At AVX-512's width (only ever inlined into AVX-512 code), Exp below rounds n with
+// vrndscaleps and applies 2^n with vscalefps: 12 instructions instead of 17, and softmax runs
+// it on every score. Written as asm because the templates that inline it carry no target
 // attribute, which the intrinsics would need.
 [[gnu::always_inline]] inline VecOf<16> RoundToNearestInteger(VecOf<16> x) {
   VecOf<16> rounded;
@@ -101,12 +101,12 @@ template <typename V>
   return scaled;
 }
 
-// e^x for x <= 0 (softmax arguments after the row maximum is subtracted), below 2 ulp:
-// x = n ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial, times 2^n (built in
-// the exponent bits, or by vscalefps at AVX-512's width). Arguments under -87 flush to e^-87 (~1e-38): a zero softmax weight at
-// float32 precision.
+// e^x for x up to 88 (softmax arguments after the row maximum is subtracted; GELU's), below
+// 2 ulp: x = n ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial, times 2^n
+// (built in the exponent bits, or by vscalefps at AVX-512's width). Arguments under -87 give
+// e^-87 (~1e-38, still a normal float): a zero softmax weight at float32 precision.
 template <typename V>
-[[gnu::always_inline]] inline V ExpNonPositive(V x) {
+[[gnu::always_inline]] inline V Exp(V x) {
   using IntV = typename VectorTypes<kLanes<V>>::Int;
   x = x < -87.0f ? Broadcast<V>(-87.0f) : x;
   V n;       // x / ln2 rounded to an integer
