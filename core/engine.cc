@@ -7,6 +7,7 @@
 #include <cmath>
 #include <filesystem>
 
+#include "absl/algorithm/container.h"
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "core/checkpoint.h"
@@ -90,6 +91,7 @@ struct EngineWorkspace {
   StreamRows image_rows, text_rows;
   std::vector<AttentionSequence> sequences;  // one per sample, rebuilt for each attention
   std::vector<int64_t> sequence_lengths;     // each sample's joint attention length
+  std::vector<float> skipped_rows;           // x rows of the samples skipping the current block
 };
 
 namespace {
@@ -357,6 +359,11 @@ absl::Status Engine::ValidateSample(const SampleInput& s) const {
   if (!std::isfinite(s.timestep)) {
     return absl::InvalidArgumentError(absl::StrCat("timestep: must be finite, got ", s.timestep));
   }
+  for (int64_t layer : s.skip_layers) {
+    if (layer < 0 || layer >= c.num_layers) {
+      return absl::InvalidArgumentError(absl::StrCat("skip_layers: layer ", layer, " outside [0, ", c.num_layers, ")"));
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -402,6 +409,7 @@ struct Pass {
   int64_t modulation_width;
   absl::Span<float> attention_scratch;
   std::vector<AttentionSequence>& sequences;  // [B], filled by each attention call
+  std::vector<float>& skipped_rows;           // see SaveSkippedRows
 };
 
 // Patchify (or take tokens), patch-embed, add cropped positions: image.x [N_total, D].
@@ -541,6 +549,50 @@ absl::Status JointBlockForward(Pass& pass, JointBlock& block) {
   return MlpResidual(pass, block.text, block.text_layout.mlp, text);
 }
 
+// Skip-layer guidance (SD3.5): diffusers does not run a skipped block for that sample, so the
+// sample leaves the block with the rows it came in with. The batch still runs the block over
+// every sample's rows (one product for all of them), and afterwards the skipping samples get
+// their input x back. That is the whole skip: x is the only state a block hands on (normed,
+// qkv, attended, projected and mlp_hidden, the dual attention's input included, are written
+// inside a block before they are read; the modulation comes from the conditioning vector),
+// and attention runs per sample, so a skipping sample changes no other sample's result. A
+// context-pre-only block leaves text.x as it is anyway; restoring it changes nothing.
+bool SkipsBlock(const SampleInput& sample, int64_t block) { return absl::c_linear_search(sample.skip_layers, block); }
+
+// Copies the image and text x rows of every sample that skips `block` into
+// pass.skipped_rows [sum over those samples of (N_b + T_b), D], grown to need and kept.
+// Returns whether any sample skips (nothing is copied or allocated otherwise).
+bool SaveSkippedRows(Pass& pass, int64_t block) {
+  const int64_t d = pass.config.hidden();
+  int64_t floats = 0;
+  for (size_t b = 0; b < pass.batch.size(); ++b) {
+    if (SkipsBlock(pass.batch[b], block)) floats += (pass.image.rows[b] + pass.text.rows[b]) * d;
+  }
+  if (floats == 0) return false;
+  if (static_cast<int64_t>(pass.skipped_rows.size()) < floats) pass.skipped_rows.resize(floats);
+  float* saved = pass.skipped_rows.data();
+  for (size_t b = 0; b < pass.batch.size(); ++b) {
+    if (!SkipsBlock(pass.batch[b], block)) continue;
+    for (const StreamRows* s : {&pass.image, &pass.text}) {
+      saved = std::copy_n(s->x + s->offset[b] * d, s->rows[b] * d, saved);
+    }
+  }
+  return true;
+}
+
+// Puts back what SaveSkippedRows(pass, block) saved: the skipping samples' x as before the block.
+void RestoreSkippedRows(Pass& pass, int64_t block) {
+  const int64_t d = pass.config.hidden();
+  const float* saved = pass.skipped_rows.data();
+  for (size_t b = 0; b < pass.batch.size(); ++b) {
+    if (!SkipsBlock(pass.batch[b], block)) continue;
+    for (StreamRows* s : {&pass.image, &pass.text}) {
+      std::copy_n(saved, s->rows[b] * d, s->x + s->offset[b] * d);
+      saved += s->rows[b] * d;
+    }
+  }
+}
+
 // y [N_total, p*p*Co] = proj_out(LN(x) * (1 + scale) + shift), [scale, shift] = norm_out(cond).
 absl::Status FinalLayer(Pass& pass, EngineModel& m, float* y) {
   StreamRows& s = pass.image;
@@ -604,7 +656,8 @@ absl::StatusOr<std::vector<Tensor>> Engine::Forward(absl::Span<const SampleInput
             modulation,
             modulation_width,
             absl::MakeSpan(ws.attention_scratch),
-            ws.sequences};
+            ws.sequences,
+            ws.skipped_rows};
 
   m.dnnl->trace = matmul_trace;
   absl::Cleanup stop_tracing = [&m] { m.dnnl->trace = nullptr; };
@@ -612,7 +665,11 @@ absl::StatusOr<std::vector<Tensor>> Engine::Forward(absl::Span<const SampleInput
   RETURN_IF_ERROR(EmbedConditioning(pass, m));
   RETURN_IF_ERROR(m.modulation.Forward(pass.conditioning, n_batch, pass.modulation));
   RETURN_IF_ERROR(EmbedText(pass, m.context_embedder));
-  for (JointBlock& block : m.blocks) RETURN_IF_ERROR(JointBlockForward(pass, block));
+  for (size_t i = 0; i < m.blocks.size(); ++i) {
+    const bool some_skip = SaveSkippedRows(pass, i);  // skip-layer guidance rows keep their x
+    RETURN_IF_ERROR(JointBlockForward(pass, m.blocks[i]));
+    if (some_skip) RestoreSkippedRows(pass, i);
+  }
   float* y = ws.image_rows.mlp_hidden;  // [N_total, p*p*Co]
   RETURN_IF_ERROR(FinalLayer(pass, m, y));
 

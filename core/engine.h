@@ -23,6 +23,9 @@ struct SampleInput {
   TensorView txt_embed;    // [T, J]
   float timestep = 0.0f;   // on the 0..1000 scale (sigma * 1000)
   TensorView pooled_text;  // [P]
+  // Joint blocks this sample passes through unchanged (skip-layer guidance's extra row); the
+  // other samples of the batch still run them. Indices in [0, depth).
+  absl::Span<const int64_t> skip_layers;
 };
 
 // Token counts of one sample, for FLOP and memory estimates.

@@ -1,5 +1,6 @@
 #include "tests/core/reference_model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -148,6 +149,9 @@ Tensor ReferenceForward(const ModelConfig& c, const TensorMap& w, const SampleIn
   Matrix ctx = Linear(w, "context_embedder", txt);
   // 7. Blocks.
   for (int64_t i = 0; i < c.num_layers; ++i) {
+    // Skip-layer guidance, as diffusers' SD3Transformer2DModel.forward: a skipped block is not
+    // run, and both streams go on unchanged.
+    if (std::find(sample.skip_layers.begin(), sample.skip_layers.end(), i) != sample.skip_layers.end()) continue;
     const std::string b = "transformer_blocks." + std::to_string(i) + ".";
     const bool pre_only = c.IsContextPreOnly(i), dual = c.IsDualAttention(i);
     const std::vector<double> mod = Linear(w, b + "norm1.linear", {s})[0];

@@ -11,6 +11,7 @@
 namespace mmdit::testing {
 
 // The prediction for one sample, in the sample's form (see Engine::Forward).
+// The blocks in `sample.skip_layers` are not run (skip-layer guidance).
 Tensor ReferenceForward(const ModelConfig& config, const TensorMap& weights, const SampleInput& sample);
 
 }  // namespace mmdit::testing
