@@ -21,8 +21,28 @@ grpc::Status ToGrpc(const absl::Status& status) {
   return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
 }
 
-// One Denoise call from arrival to answer; what the batcher queues.
-class DenoiseCall final : public QueuedCall {
+// One forward pass, as the work that shared it sees it.
+struct PassStats {
+  int64_t start_us = 0, end_us = 0;
+  int32_t rows = 0;  // all work together
+};
+
+// What the step loop runs: a Denoise call (one pass) or a generation (one pass per step).
+class StepWork : public QueuedCall {
+ public:
+  // Appends this work's rows of the next pass: views that stay valid until Consume or Fail.
+  virtual void AppendRows(std::vector<SampleInput>& rows) = 0;
+  // Takes this work's outputs of the pass (as many as it appended); true when it is complete
+  // and answered.
+  virtual bool Consume(std::vector<Tensor> outputs, const PassStats& pass) = 0;
+  // Ends the work with an error; `reason` is completed with what had been computed.
+  virtual void Fail(grpc::StatusCode code, absl::string_view reason) = 0;
+};
+
+StepWork& WorkOf(const WorkItem& item) { return static_cast<StepWork&>(*item.call); }
+
+// One Denoise call from arrival to answer.
+class DenoiseCall final : public StepWork {
  public:
   DenoiseCall(v1::DenoiseResponse* response, ServerMetrics& metrics, int64_t arrival_us, std::string request_id)
       : response(response), arrival_us(arrival_us), request_id(std::move(request_id)), metrics_(metrics) {}
@@ -30,6 +50,31 @@ class DenoiseCall final : public QueuedCall {
   bool IsCancelled() const override { return cancelled_.load(std::memory_order_acquire); }
   void MarkCancelled() { cancelled_.store(true, std::memory_order_release); }
   void set_reactor(grpc::ServerUnaryReactor* reactor) { reactor_ = reactor; }
+
+  void AppendRows(std::vector<SampleInput>& rows) override {
+    rows.insert(rows.end(), request.samples.begin(), request.samples.end());
+  }
+
+  bool Consume(std::vector<Tensor> outputs, const PassStats& pass) override {
+    if (IsCancelled()) {  // nobody to read it
+      Finish(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client"));
+      return true;
+    }
+    EncodePrediction(outputs, request.output_dtype, response->mutable_prediction());
+    response->set_request_id(request_id);
+    response->set_queue_us(pass.start_us - arrival_us);
+    response->set_compute_us(pass.end_us - pass.start_us);
+    response->set_batch_samples(pass.rows);
+    metrics_.ObserveQueueTime((pass.start_us - arrival_us) / 1e6);
+    spdlog::debug("request '{}': {} samples, queue {} us, compute {} us", request_id, outputs.size(),
+                  pass.start_us - arrival_us, pass.end_us - pass.start_us);
+    Finish(grpc::Status::OK);
+    return true;
+  }
+
+  void Fail(grpc::StatusCode code, absl::string_view reason) override {
+    Finish(grpc::Status(code, std::string(reason)));
+  }
 
   // Answers the call. Only the first Finish has effect: after it, gRPC may delete the reactor.
   void Finish(const grpc::Status& status) {
@@ -55,21 +100,181 @@ class DenoiseCall final : public QueuedCall {
 
 class DenoiseReactor final : public grpc::ServerUnaryReactor {
  public:
-  explicit DenoiseReactor(std::shared_ptr<DenoiseCall> call) : call_(std::move(call)) {}
-  void OnCancel() override { call_->MarkCancelled(); }
+  DenoiseReactor(std::shared_ptr<DenoiseCall> call, StepScheduler& scheduler)
+      : call_(std::move(call)), scheduler_(scheduler) {}
+  void OnCancel() override {
+    call_->MarkCancelled();
+    scheduler_.Notify();
+  }
   void OnDone() override { delete this; }
 
  private:
   const std::shared_ptr<DenoiseCall> call_;
+  StepScheduler& scheduler_;
+};
+
+// One Generate call: its sampler, and the stream of progress messages back to the caller.
+// Messages are written one at a time, in order (gRPC allows one write in flight); every step's
+// message is kept until written, which bounds the outbox by the request's own steps.
+class GenerateCall final : public StepWork {
+ public:
+  GenerateCall(ServerMetrics& metrics, StepScheduler& scheduler, int64_t arrival_us, std::string request_id)
+      : arrival_us_(arrival_us),
+        last_event_us_(arrival_us),
+        request_id_(std::move(request_id)),
+        metrics_(metrics),
+        scheduler_(scheduler) {}
+
+  void set_reactor(grpc::ServerWriteReactor<v1::GenerateProgress>* reactor) { reactor_ = reactor; }
+  void set_request(DecodedGenerate request) { request_ = std::move(request); }
+  const DecodedGenerate& request() const { return request_; }
+
+  bool IsCancelled() const override { return cancelled_.load(std::memory_order_acquire); }
+  void MarkCancelled() {
+    cancelled_.store(true, std::memory_order_release);
+    scheduler_.Notify();
+  }
+
+  void AppendRows(std::vector<SampleInput>& rows) override {
+    step_rows_ = StepRows(*request_.sampler, request_.Positive(), request_.Negative());
+    rows.insert(rows.end(), step_rows_.begin(), step_rows_.end());
+  }
+
+  bool Consume(std::vector<Tensor> outputs, const PassStats& pass) override {
+    FlowMatchSampler& sampler = *request_.sampler;
+    if (absl::Status status = sampler.Advance(outputs); !status.ok()) {
+      Fail(grpc::StatusCode::INTERNAL, absl::StrCat("sampler step failed: ", status.message()));
+      return true;
+    }
+    const int64_t step_queue_us = pass.start_us - last_event_us_;
+    queue_us_ += step_queue_us;
+    compute_us_ += pass.end_us - pass.start_us;
+    last_event_us_ = pass.end_us;
+    metrics_.ObserveGenerationStep(step_queue_us / 1e6, pass.end_us / 1e6);
+    if (sampler.steps_taken() == 1) metrics_.ObserveFirstStep((pass.end_us - arrival_us_) / 1e6);
+
+    v1::GenerateProgress progress;
+    progress.set_step(static_cast<int32_t>(sampler.steps_taken()));
+    progress.set_total_steps(static_cast<int32_t>(sampler.total_steps()));
+    progress.set_sigma(sampler.sigma());
+    progress.set_queue_us(queue_us_);
+    progress.set_compute_us(compute_us_);
+    progress.set_batch_samples(pass.rows);
+    progress.set_rows(static_cast<int32_t>(outputs.size()));
+    progress.set_request_id(request_id_);
+    const bool done = sampler.done();
+    const bool preview = request_.preview_every > 0 && sampler.steps_taken() % request_.preview_every == 0;
+    if (done || preview) EncodePrediction({sampler.latent()}, request_.output_dtype, progress.mutable_latent());
+    progress.set_done(done);
+    Send(std::move(progress));
+    if (done) {
+      metrics_.ObserveGeneration((pass.end_us - arrival_us_) / 1e6);
+      spdlog::debug("generation '{}': {} steps, queue {} us, compute {} us", request_id_, sampler.total_steps(),
+                    queue_us_, compute_us_);
+      Finish(grpc::Status::OK);
+    }
+    return done;
+  }
+
+  void Fail(grpc::StatusCode code, absl::string_view reason) override {
+    const FlowMatchSampler& sampler = *request_.sampler;
+    Finish(grpc::Status(code, sampler.steps_taken() == 0
+                                  ? absl::StrCat(reason, " before its first step; nothing was computed")
+                                  : absl::StrCat(reason, " at step ", sampler.steps_taken(), " of ",
+                                                 sampler.total_steps())));
+  }
+
+  // Ends the stream with `status` once the messages before it are written (all of them when
+  // OK; only the one in flight otherwise). Only the first Finish has effect.
+  void Finish(const grpc::Status& status) {
+    bool finish_now = false;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (finish_status_) return;
+      finish_status_ = status;
+      if (!status.ok()) {
+        while (outbox_.size() > (writing_ ? 1u : 0u)) outbox_.pop_back();
+      }
+      finish_now = !writing_;
+    }
+    metrics_.CountRequest(status.error_code());
+    if (!status.ok()) {
+      spdlog::debug("generation '{}': {} {}", request_id_, static_cast<int>(status.error_code()),
+                    status.error_message());
+    }
+    if (finish_now) reactor_->Finish(status);
+  }
+
+  // The reactor's OnWriteDone: the next message, or the deferred Finish.
+  void OnWriteDone(bool ok) {
+    const v1::GenerateProgress* next = nullptr;
+    std::optional<grpc::Status> finish;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      outbox_.pop_front();
+      writing_ = false;
+      if (!ok) outbox_.clear();  // the stream is broken: the caller is gone
+      if (!outbox_.empty()) {
+        writing_ = true;
+        next = &outbox_.front();
+      } else if (finish_status_) {
+        finish = finish_status_;
+      }
+    }
+    if (!ok) MarkCancelled();
+    if (next != nullptr) reactor_->StartWrite(next);
+    if (finish) reactor_->Finish(*finish);
+  }
+
+ private:
+  void Send(v1::GenerateProgress progress) {
+    const v1::GenerateProgress* next = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (finish_status_) return;
+      outbox_.push_back(std::move(progress));  // a deque: the message in flight does not move
+      if (!writing_) {
+        writing_ = true;
+        next = &outbox_.front();
+      }
+    }
+    if (next != nullptr) reactor_->StartWrite(next);
+  }
+
+  const int64_t arrival_us_;
+  int64_t last_event_us_;  // arrival, then the end of its last pass (step loop only)
+  int64_t queue_us_ = 0, compute_us_ = 0;
+  const std::string request_id_;
+  ServerMetrics& metrics_;
+  StepScheduler& scheduler_;
+  DecodedGenerate request_;             // the step loop's once queued
+  std::vector<SampleInput> step_rows_;  // this step's rows, viewed by the pass
+  grpc::ServerWriteReactor<v1::GenerateProgress>* reactor_ = nullptr;
+  std::atomic<bool> cancelled_{false};
+  std::mutex mutex_;
+  std::deque<v1::GenerateProgress> outbox_;    // guarded; the front is in flight while writing_
+  bool writing_ = false;                       // guarded
+  std::optional<grpc::Status> finish_status_;  // guarded: Finish was called
+};
+
+class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateProgress> {
+ public:
+  explicit GenerateReactor(std::shared_ptr<GenerateCall> call) : call_(std::move(call)) {}
+  void OnWriteDone(bool ok) override { call_->OnWriteDone(ok); }
+  void OnCancel() override { call_->MarkCancelled(); }
+  void OnDone() override { delete this; }
+
+ private:
+  const std::shared_ptr<GenerateCall> call_;
 };
 
 // The deadline of `context` on `clock`'s time line.
 int64_t DeadlineUs(const grpc::CallbackServerContext& context, int64_t now_us) {
   const auto deadline = context.deadline();
-  if (deadline == std::chrono::system_clock::time_point::max()) return BatchEntry::kNoDeadline;
+  if (deadline == std::chrono::system_clock::time_point::max()) return WorkItem::kNoDeadline;
   const int64_t remaining_us =
       std::chrono::duration_cast<std::chrono::microseconds>(deadline - std::chrono::system_clock::now()).count();
-  return remaining_us > BatchEntry::kNoDeadline - now_us ? BatchEntry::kNoDeadline : now_us + remaining_us;
+  return remaining_us > WorkItem::kNoDeadline - now_us ? WorkItem::kNoDeadline : now_us + remaining_us;
 }
 
 absl::StatusOr<std::string> ReadFile(const std::string& path, const std::string& what) {
@@ -139,7 +344,7 @@ class DenoiserServer::Service final : public v1::Denoiser::CallbackService {
     const int64_t arrival_us = server_.clock_.NowUs();
     const int64_t deadline_us = DeadlineUs(*context, arrival_us);  // before decoding eats into it
     auto call = std::make_shared<DenoiseCall>(response, *server_.metrics_, arrival_us, request->request_id());
-    auto* reactor = new DenoiseReactor(call);
+    auto* reactor = new DenoiseReactor(call, server_.scheduler_);
     call->set_reactor(reactor);
     const Engine* engine = server_.engine_.load(std::memory_order_acquire);
     if (engine == nullptr) {
@@ -152,13 +357,46 @@ class DenoiserServer::Service final : public v1::Denoiser::CallbackService {
       return reactor;
     }
     call->request = *std::move(decoded);
-    BatchEntry entry;
-    entry.samples = static_cast<int64_t>(call->request.samples.size());
-    entry.tokens = call->request.tokens;
-    entry.deadline_us = deadline_us;
-    entry.call = call;
-    if (absl::Status status = server_.batcher_.Enqueue(std::move(entry)); !status.ok()) {
-      call->Finish(ToGrpc(status));
+    WorkItem item;
+    item.rows = static_cast<int64_t>(call->request.samples.size());
+    item.tokens = call->request.tokens;
+    item.deadline_us = deadline_us;
+    item.wait_for_batch = request->wait_for_batch();
+    item.call = call;
+    if (absl::StatusOr<uint64_t> id = server_.scheduler_.Enqueue(std::move(item)); !id.ok()) {
+      call->Finish(ToGrpc(id.status()));
+    }
+    return reactor;
+  }
+
+  grpc::ServerWriteReactor<v1::GenerateProgress>* Generate(grpc::CallbackServerContext* context,
+                                                           const v1::GenerateRequest* request) override {
+    const int64_t arrival_us = server_.clock_.NowUs();
+    const int64_t deadline_us = DeadlineUs(*context, arrival_us);
+    auto call = std::make_shared<GenerateCall>(*server_.metrics_, server_.scheduler_, arrival_us,
+                                               request->request_id());
+    auto* reactor = new GenerateReactor(call);
+    call->set_reactor(reactor);
+    const Engine* engine = server_.engine_.load(std::memory_order_acquire);
+    if (engine == nullptr) {
+      call->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is still loading; retry shortly"));
+      return reactor;
+    }
+    absl::StatusOr<DecodedGenerate> decoded =
+        DecodeGenerateRequest(*request, *engine, server_.options_.limits, server_.flow_match_);
+    if (!decoded.ok()) {
+      call->Finish(ToGrpc(decoded.status()));
+      return reactor;
+    }
+    WorkItem item;
+    item.multi_step = true;
+    item.rows = decoded->max_rows;
+    item.tokens = decoded->max_tokens;
+    item.deadline_us = deadline_us;
+    item.call = call;
+    call->set_request(*std::move(decoded));
+    if (absl::StatusOr<uint64_t> id = server_.scheduler_.Enqueue(std::move(item)); !id.ok()) {
+      call->Finish(ToGrpc(id.status()));
     }
     return reactor;
   }
@@ -193,9 +431,9 @@ class DenoiserServer::Service final : public v1::Denoiser::CallbackService {
     model->set_compute_dtype(ComputeDTypeName(engine->compute_dtype()));
     const ServerOptions& o = server_.options_;
     v1::ServerLimits* limits = response->mutable_limits();
-    limits->set_max_samples_per_request(std::min(o.limits.max_samples_per_request, o.batcher.max_batch_samples));
-    limits->set_max_batch_samples(o.batcher.max_batch_samples);
-    limits->set_max_batch_tokens(o.batcher.max_batch_tokens);
+    limits->set_max_samples_per_request(std::min(o.limits.max_samples_per_request, o.scheduler.max_batch_samples));
+    limits->set_max_batch_samples(o.scheduler.max_batch_samples);
+    limits->set_max_batch_tokens(o.scheduler.max_batch_tokens);
     limits->set_max_text_tokens(o.limits.max_text_tokens);
     const int64_t table_side = c.pos_embed_max_size.value_or(0) * c.patch_size;
     limits->set_max_latent_height(o.limits.max_latent_height > 0 ? o.limits.max_latent_height : table_side);
@@ -205,6 +443,20 @@ class DenoiserServer::Service final : public v1::Denoiser::CallbackService {
     limits->add_forms("image");
     if (!c.has_positions()) limits->add_forms("token");
     limits->set_max_receive_message_bytes(o.max_receive_message_mb << 20);
+    limits->set_max_running_generations(o.scheduler.max_running_generations);
+    limits->set_max_steps(o.limits.max_steps);
+    limits->set_max_queue_size(o.scheduler.max_queue_size);
+    const GenerationOptions defaults;
+    v1::SamplerDefaults* sampler = response->mutable_sampler();
+    sampler->set_scheduler("FlowMatchEulerDiscreteScheduler");
+    sampler->set_shift(server_.flow_match_.shift);
+    sampler->set_num_train_timesteps(server_.flow_match_.num_train_timesteps);
+    sampler->set_steps(static_cast<int32_t>(defaults.steps));
+    sampler->set_guidance_scale(defaults.guidance_scale);
+    sampler->set_skip_layer_scale(defaults.skip_layer_guidance.scale);
+    sampler->set_skip_layer_start(static_cast<float>(defaults.skip_layer_guidance.start));
+    sampler->set_skip_layer_stop(static_cast<float>(defaults.skip_layer_guidance.stop));
+    sampler->set_img2img_strength(0.6f);
     reactor->Finish(grpc::Status::OK);
     return reactor;
   }
@@ -217,8 +469,9 @@ class DenoiserServer::Service final : public v1::Denoiser::CallbackService {
 
 DenoiserServer::DenoiserServer(const ServerOptions& options)
     : options_(options),
-      batcher_(options.batcher, clock_),
-      metrics_(std::make_unique<ServerMetrics>([this] { return batcher_.queue_size(); })) {}
+      scheduler_(options.scheduler, clock_),
+      metrics_(std::make_unique<ServerMetrics>([this] { return scheduler_.queue_size(); },
+                                               [this] { return scheduler_.running_generations(); })) {}
 
 DenoiserServer::~DenoiserServer() { Shutdown(); }
 
@@ -258,7 +511,8 @@ absl::StatusOr<std::unique_ptr<DenoiserServer>> DenoiserServer::Start(const Serv
 
 std::string DenoiserServer::RenderMetrics() const { return metrics_->Render(clock_.NowUs() / 1e6); }
 
-absl::Status DenoiserServer::Serve(std::unique_ptr<Engine> engine, const std::vector<WarmupShape>& warmup) {
+absl::Status DenoiserServer::Serve(std::unique_ptr<Engine> engine, const std::vector<WarmupShape>& warmup,
+                                   const FlowMatchConfig& flow_match) {
   const ModelConfig& c = engine->config();
   for (const WarmupShape& shape : warmup) {
     const Tensor img(shape.img_latent), txt({shape.text_tokens, c.joint_attention_dim}),
@@ -276,100 +530,91 @@ absl::Status DenoiserServer::Serve(std::unique_ptr<Engine> engine, const std::ve
                  std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
   }
   owned_engine_ = std::move(engine);
+  flow_match_ = flow_match;
   engine_.store(owned_engine_.get(), std::memory_order_release);
-  batch_thread_ = std::thread([this] { BatchLoop(); });
+  step_thread_ = std::thread([this] { StepLoop(); });
   health_.SetServing(true);
   return absl::OkStatus();
 }
 
-void DenoiserServer::BatchLoop() {
-  while (std::optional<Batch> batch = batcher_.WaitForBatch()) {
-    for (BatchEntry& entry : batch->expired) {
-      static_cast<DenoiseCall*>(entry.call.get())
-          ->Finish(
-              grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "deadline passed while queued; nothing was computed"));
+void DenoiserServer::StepLoop() {
+  while (std::optional<PassPlan> plan = scheduler_.WaitForPass()) {
+    for (const WorkItem& item : plan->expired) {
+      WorkOf(item).Fail(grpc::StatusCode::DEADLINE_EXCEEDED, "deadline passed");
     }
-    for (BatchEntry& entry : batch->cancelled) {
-      static_cast<DenoiseCall*>(entry.call.get())
-          ->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client while queued"));
-    }
-    if (batch->run.empty()) continue;
-    if (shut_down_.load()) {  // the drain timed out: answer without computing
-      for (BatchEntry& entry : batch->run) {
-        static_cast<DenoiseCall*>(entry.call.get())
-            ->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "server shut down before this request ran"));
+    for (const WorkItem& item : plan->cancelled) WorkOf(item).Fail(grpc::StatusCode::CANCELLED, "cancelled by the client");
+    if (shut_down_.load()) {  // the drain timed out: answer what is left without computing
+      for (const WorkItem& item : scheduler_.TakeAll()) {
+        WorkOf(item).Fail(grpc::StatusCode::UNAVAILABLE, "server shut down (drain timeout)");
+      }
+      for (const WorkItem& item : plan->admitted) {
+        if (!item.multi_step) WorkOf(item).Fail(grpc::StatusCode::UNAVAILABLE, "server shut down (drain timeout)");
       }
       continue;
     }
-    RunBatch(batch->run);
+    if (plan->has_pass()) RunPass(*plan);
   }
-  batch_loop_done_.store(true);
+  step_loop_done_.store(true);
 }
 
-void DenoiserServer::RunBatch(std::vector<BatchEntry>& entries) {
-  const int64_t start_us = clock_.NowUs();
-  std::vector<SampleInput> samples;
-  int64_t tokens = 0, oldest_wait_us = 0;
-  for (const BatchEntry& entry : entries) {
-    const auto* call = static_cast<const DenoiseCall*>(entry.call.get());
-    samples.insert(samples.end(), call->request.samples.begin(), call->request.samples.end());
-    tokens += call->request.tokens;
-    oldest_wait_us = std::max(oldest_wait_us, start_us - call->arrival_us);
+void DenoiserServer::RunPass(PassPlan& plan) {
+  std::vector<const WorkItem*> work;
+  for (const WorkItem& item : plan.running) work.push_back(&item);
+  for (const WorkItem& item : plan.admitted) work.push_back(&item);
+  std::vector<SampleInput> rows;
+  std::vector<size_t> first_row;  // per work item
+  int64_t tokens = 0;
+  for (const WorkItem* item : work) {
+    first_row.push_back(rows.size());
+    WorkOf(*item).AppendRows(rows);
+    tokens += item->tokens;
   }
-  absl::StatusOr<std::vector<Tensor>> outputs = engine_.load()->Forward(samples);
-  const int64_t end_us = clock_.NowUs();
-  const int64_t compute_us = end_us - start_us;
-  metrics_->ObserveBatch(static_cast<int64_t>(samples.size()), tokens, compute_us / 1e6, end_us / 1e6);
-  spdlog::info("batch: {} requests, {} samples, {} tokens, oldest waited {} us, compute {} us{}", entries.size(),
-               samples.size(), tokens, oldest_wait_us, compute_us,
-               outputs.ok() ? "" : absl::StrCat(", failed: ", outputs.status().ToString()));
-  size_t offset = 0;
-  for (BatchEntry& entry : entries) {
-    auto* call = static_cast<DenoiseCall*>(entry.call.get());
-    const size_t count = call->request.samples.size();
+  first_row.push_back(rows.size());
+
+  PassStats pass;
+  pass.start_us = clock_.NowUs();
+  absl::StatusOr<std::vector<Tensor>> outputs = engine_.load()->Forward(rows);
+  pass.end_us = clock_.NowUs();
+  pass.rows = static_cast<int32_t>(rows.size());
+  metrics_->ObservePass(static_cast<int64_t>(rows.size()), tokens, (pass.end_us - pass.start_us) / 1e6,
+                        pass.end_us / 1e6);
+  spdlog::debug("pass: {} running generations, {} admitted, {} rows, compute {} us{}", plan.running.size(),
+                plan.admitted.size(), rows.size(), pass.end_us - pass.start_us,
+                outputs.ok() ? "" : absl::StrCat(", failed: ", outputs.status().ToString()));
+  for (size_t w = 0; w < work.size(); ++w) {
+    StepWork& step_work = WorkOf(*work[w]);
+    bool complete = true;
     if (!outputs.ok()) {
-      call->Finish(ToGrpc(absl::InternalError(absl::StrCat("forward pass failed: ", outputs.status().message()))));
-      continue;
+      step_work.Fail(grpc::StatusCode::INTERNAL, absl::StrCat("forward pass failed: ", outputs.status().message()));
+    } else {
+      std::vector<Tensor> own(std::make_move_iterator(outputs->begin() + first_row[w]),
+                              std::make_move_iterator(outputs->begin() + first_row[w + 1]));
+      complete = step_work.Consume(std::move(own), pass);
     }
-    const std::vector<Tensor> own(std::make_move_iterator(outputs->begin() + offset),
-                                  std::make_move_iterator(outputs->begin() + offset + count));
-    offset += count;
-    if (call->IsCancelled()) {  // nobody to read it
-      call->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client"));
-      continue;
-    }
-    v1::DenoiseResponse* response = call->response;
-    EncodePrediction(own, call->request.output_dtype, response->mutable_prediction());
-    response->set_request_id(call->request_id);
-    response->set_queue_us(start_us - call->arrival_us);
-    response->set_compute_us(compute_us);
-    response->set_batch_samples(static_cast<int32_t>(samples.size()));
-    metrics_->ObserveQueueTime((start_us - call->arrival_us) / 1e6);
-    spdlog::debug("request '{}': {} samples, queue {} us, compute {} us", call->request_id, count,
-                  start_us - call->arrival_us, compute_us);
-    call->Finish(grpc::Status::OK);
+    if (complete && work[w]->multi_step) scheduler_.Release(work[w]->id);
   }
 }
 
 void DenoiserServer::BeginDrain() {
   health_.SetServing(false);
-  batcher_.Close();
+  scheduler_.Close();
 }
 
 void DenoiserServer::Shutdown() {
   if (shut_down_.load() || server_ == nullptr) return;
   BeginDrain();
   const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(options_.drain_timeout_s);
-  while (batch_thread_.joinable() && !batch_loop_done_.load() && std::chrono::steady_clock::now() < give_up) {
+  while (step_thread_.joinable() && !step_loop_done_.load() && std::chrono::steady_clock::now() < give_up) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
-  if (batch_thread_.joinable() && !batch_loop_done_.load()) {
-    spdlog::warn("drain timeout ({} s) reached with {} requests queued", options_.drain_timeout_s,
-                 batcher_.queue_size());
+  if (step_thread_.joinable() && !step_loop_done_.load()) {
+    spdlog::warn("drain timeout ({} s) reached with {} requests queued and {} generations running",
+                 options_.drain_timeout_s, scheduler_.queue_size(), scheduler_.running_generations());
   }
   shut_down_.store(true);
+  scheduler_.Notify();
   server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
-  if (batch_thread_.joinable()) batch_thread_.join();
+  if (step_thread_.joinable()) step_thread_.join();
   server_->Wait();
   metrics_http_.reset();
 }

@@ -1,9 +1,11 @@
-// mmdit-server's core: the Denoiser gRPC service, health, reflection, metrics, and the batch
-// worker that runs merged requests through the engine.
+// mmdit-server's core: the Denoiser gRPC service (Denoise, Generate, GetModelInfo), health,
+// reflection, metrics, and the step loop that runs the scheduler's passes through the engine.
 //
-// Life cycle: Start (listening; health NOT_SERVING; Denoise answers UNAVAILABLE) ->
+// Life cycle: Start (listening; health NOT_SERVING; calls answer UNAVAILABLE) ->
 // Serve(engine) (warm-up shapes run once, then SERVING) -> BeginDrain (NOT_SERVING; new
-// requests UNAVAILABLE; everything accepted is still answered) -> Shutdown.
+// requests UNAVAILABLE; everything accepted still runs: queued Denoise calls, queued and
+// running generations) -> Shutdown (after drain_timeout_s what is left ends UNAVAILABLE,
+// a generation's message naming the step it reached).
 #pragma once
 
 #include <atomic>
@@ -14,10 +16,11 @@
 
 #include "absl/status/statusor.h"
 #include "core/engine.h"
-#include "server/dynamic_batcher.h"
+#include "core/sampler.h"
 #include "server/health_service.h"
 #include "server/metrics.h"
 #include "server/request_codec.h"
+#include "server/step_scheduler.h"
 
 namespace grpc {
 class Server;
@@ -47,7 +50,7 @@ struct ServerOptions {
   std::string host = "0.0.0.0";
   int port = 50051;         // 0: any free port (see DenoiserServer::port())
   int metrics_port = 9090;  // 0: any free port; < 0: no metrics endpoint
-  BatcherOptions batcher;
+  StepPolicyOptions scheduler;
   RequestLimits limits;
   int64_t max_receive_message_mb = 64;
   int64_t keepalive_time_s = 30;
@@ -63,10 +66,12 @@ class DenoiserServer {
   static absl::StatusOr<std::unique_ptr<DenoiserServer>> Start(const ServerOptions& options);
   ~DenoiserServer();
 
-  // Takes the engine, runs each warm-up shape once (so that no request pays for first-touch
-  // allocation or primitive creation), starts the batch worker, reports SERVING.
+  // Takes the engine and the sampler's settings (the model's scheduler_config.json), runs each
+  // warm-up shape once (so that no request pays for first-touch allocation or primitive
+  // creation), starts the step loop, reports SERVING.
   // Errors: from the warm-up (the server stays NOT_SERVING).
-  absl::Status Serve(std::unique_ptr<Engine> engine, const std::vector<WarmupShape>& warmup);
+  absl::Status Serve(std::unique_ptr<Engine> engine, const std::vector<WarmupShape>& warmup,
+                     const FlowMatchConfig& flow_match = {});
 
   // Health NOT_SERVING, new requests UNAVAILABLE; queued ones are still computed and answered.
   void BeginDrain();
@@ -76,7 +81,8 @@ class DenoiserServer {
   void Shutdown();
 
   int port() const { return port_; }
-  int64_t queue_size() const { return batcher_.queue_size(); }
+  int64_t queue_size() const { return scheduler_.queue_size(); }
+  int64_t running_generations() const { return scheduler_.running_generations(); }
   int metrics_port() const { return metrics_http_ ? metrics_http_->port() : -1; }
   const ServerMetrics& metrics() const { return *metrics_; }
   std::string RenderMetrics() const;
@@ -85,22 +91,23 @@ class DenoiserServer {
 
  private:
   explicit DenoiserServer(const ServerOptions& options);
-  void BatchLoop();
-  void RunBatch(std::vector<BatchEntry>& entries);
+  void StepLoop();
+  void RunPass(PassPlan& plan);
 
   const ServerOptions options_;
   SteadyClock clock_;
-  DynamicBatcher batcher_;
+  StepScheduler scheduler_;
   std::unique_ptr<ServerMetrics> metrics_;
   std::atomic<Engine*> engine_{nullptr};  // set once by Serve; owned by owned_engine_
+  FlowMatchConfig flow_match_;            // set by Serve before engine_ is published
   std::unique_ptr<Engine> owned_engine_;
   HealthService health_;              // outlives server_
   std::unique_ptr<Service> service_;  // outlives server_
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<MetricsHttpServer> metrics_http_;
   int port_ = 0;
-  std::thread batch_thread_;
-  std::atomic<bool> batch_loop_done_{false};
+  std::thread step_thread_;
+  std::atomic<bool> step_loop_done_{false};
   std::atomic<bool> shut_down_{false};
 };
 

@@ -28,7 +28,10 @@ constexpr char kUsage[] = R"(usage: mmdit-server [--flag value ...]   (or MMDIT_
   --threads N                 engine threads (default: all cores)
   --dtype f32|bf16            compute dtype of the matrix products (bf16: weights and activations
                               into the products in bf16, float32 accumulation; needs AVX-512)
-  --max_batch_samples 8 --max_batch_tokens 0 (0: no limit) --max_queue_delay_us 2000 --max_queue_size 256
+  --max_batch_samples 8 --max_batch_tokens 0 (0: no limit): rows and tokens of one forward pass
+  --max_queue_delay_us 2000   how long a wait_for_batch Denoise may wait for company when the engine is idle
+  --max_queue_size 256        queued Denoise and Generate calls; beyond it RESOURCE_EXHAUSTED
+  --max_running_generations 8 (Generate calls sharing each step; more wait in the queue) --max_steps 1000
   --max_samples_per_request 8 --max_text_tokens 512 --max_latent_height 0 --max_latent_width 0 (0: the position
                               table's size) --max_image_tokens 16384
   --warmup SHAPES             e.g. 1x16x64x64/77,8x64/32 (BxCxHxW/T or BxN/T); default one sample of the
@@ -52,6 +55,9 @@ const std::set<std::string> kFlags = {"model",
                                       "max_latent_height",
                                       "max_latent_width",
                                       "max_image_tokens",
+                                      "max_steps",
+                                      "max_running_generations",
+                                      "dtype",
                                       "warmup",
                                       "max_receive_message_mb",
                                       "keepalive_time_s",
@@ -69,30 +75,35 @@ absl::Status ReadOptions(const Flags& flags, ServerOptions& o) {
   if (port < 0 || port > 65535 || metrics_port > 65535) return absl::InvalidArgumentError("ports are 0..65535");
   o.port = static_cast<int>(port);
   o.metrics_port = static_cast<int>(metrics_port);
-  ASSIGN_OR_RETURN(o.batcher.max_batch_samples, flags.Int("max_batch_samples", o.batcher.max_batch_samples));
-  ASSIGN_OR_RETURN(o.batcher.max_batch_tokens, flags.Int("max_batch_tokens", o.batcher.max_batch_tokens));
-  ASSIGN_OR_RETURN(o.batcher.max_queue_delay_us, flags.Int("max_queue_delay_us", o.batcher.max_queue_delay_us));
-  ASSIGN_OR_RETURN(o.batcher.max_queue_size, flags.Int("max_queue_size", o.batcher.max_queue_size));
-  ASSIGN_OR_RETURN(o.limits.max_samples_per_request, flags.Int("max_samples_per_request", o.batcher.max_batch_samples));
+  ASSIGN_OR_RETURN(o.scheduler.max_batch_samples, flags.Int("max_batch_samples", o.scheduler.max_batch_samples));
+  ASSIGN_OR_RETURN(o.scheduler.max_batch_tokens, flags.Int("max_batch_tokens", o.scheduler.max_batch_tokens));
+  ASSIGN_OR_RETURN(o.scheduler.max_queue_delay_us, flags.Int("max_queue_delay_us", o.scheduler.max_queue_delay_us));
+  ASSIGN_OR_RETURN(o.scheduler.max_queue_size, flags.Int("max_queue_size", o.scheduler.max_queue_size));
+  ASSIGN_OR_RETURN(o.limits.max_samples_per_request, flags.Int("max_samples_per_request", o.scheduler.max_batch_samples));
   ASSIGN_OR_RETURN(o.limits.max_text_tokens, flags.Int("max_text_tokens", o.limits.max_text_tokens));
   ASSIGN_OR_RETURN(o.limits.max_latent_height, flags.Int("max_latent_height", o.limits.max_latent_height));
   ASSIGN_OR_RETURN(o.limits.max_latent_width, flags.Int("max_latent_width", o.limits.max_latent_width));
   ASSIGN_OR_RETURN(o.limits.max_image_tokens, flags.Int("max_image_tokens", o.limits.max_image_tokens));
+  ASSIGN_OR_RETURN(o.limits.max_steps, flags.Int("max_steps", o.limits.max_steps));
+  ASSIGN_OR_RETURN(o.scheduler.max_running_generations,
+                   flags.Int("max_running_generations", o.scheduler.max_running_generations));
   ASSIGN_OR_RETURN(o.max_receive_message_mb, flags.Int("max_receive_message_mb", o.max_receive_message_mb));
   ASSIGN_OR_RETURN(o.keepalive_time_s, flags.Int("keepalive_time_s", o.keepalive_time_s));
   ASSIGN_OR_RETURN(o.max_connection_age_s, flags.Int("max_connection_age_s", o.max_connection_age_s));
   ASSIGN_OR_RETURN(o.drain_timeout_s, flags.Int("drain_timeout_s", o.drain_timeout_s));
-  const std::pair<const char*, int64_t> positive[] = {{"max_batch_samples", o.batcher.max_batch_samples},
-                                                      {"max_queue_size", o.batcher.max_queue_size},
+  const std::pair<const char*, int64_t> positive[] = {{"max_batch_samples", o.scheduler.max_batch_samples},
+                                                      {"max_queue_size", o.scheduler.max_queue_size},
                                                       {"max_samples_per_request", o.limits.max_samples_per_request},
                                                       {"max_text_tokens", o.limits.max_text_tokens},
                                                       {"max_image_tokens", o.limits.max_image_tokens},
+                                                      {"max_steps", o.limits.max_steps},
+                                                      {"max_running_generations", o.scheduler.max_running_generations},
                                                       {"max_receive_message_mb", o.max_receive_message_mb},
                                                       {"keepalive_time_s", o.keepalive_time_s}};
   for (const auto& [name, value] : positive) {
     if (value < 1) return absl::InvalidArgumentError(absl::StrCat("--", name, " must be >= 1, got ", value));
   }
-  if (o.batcher.max_queue_delay_us < 0 || o.batcher.max_batch_tokens < 0 || o.drain_timeout_s < 0 ||
+  if (o.scheduler.max_queue_delay_us < 0 || o.scheduler.max_batch_tokens < 0 || o.drain_timeout_s < 0 ||
       o.max_connection_age_s < 0) {
     return absl::InvalidArgumentError(
         "--max_queue_delay_us, --max_batch_tokens, --drain_timeout_s and --max_connection_age_s must be >= 0");
@@ -149,6 +160,8 @@ absl::Status Run(const Flags& flags) {
   EngineOptions engine_options;
   ASSIGN_OR_RETURN(engine_options.compute, ParseComputeDType(flags.String("dtype", "f32"), "--dtype"));
   ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Load(model_dir, engine_options));
+  // The sampler's settings are read before serving; the server holds them from here on.
+  ASSIGN_OR_RETURN(FlowMatchConfig flow_match, LoadFlowMatchConfig(model_dir));
   const ModelConfig& c = engine->config();
   spdlog::info(
       "model {}: hidden {}, depth {}, heads {}, patch {}, in/out channels {}/{}, position table {}, "
@@ -157,12 +170,14 @@ absl::Status Run(const Flags& flags) {
       c.pos_embed_max_size.value_or(0), c.qk_norm, c.dual_attention_layers.size(),
       ComputeDTypeName(engine->compute_dtype()), omp_get_max_threads());
   ASSIGN_OR_RETURN(std::vector<WarmupShape> warmup, WarmupShapes(flags, c, options.limits));
-  RETURN_IF_ERROR(server->Serve(std::move(engine), warmup));
+  RETURN_IF_ERROR(server->Serve(std::move(engine), warmup, flow_match));
   spdlog::info(
-      "SERVING: batches of up to {} samples{}, max queue delay {} us, queue {} requests",
-      options.batcher.max_batch_samples,
-      options.batcher.max_batch_tokens > 0 ? absl::StrCat(" / ", options.batcher.max_batch_tokens, " tokens") : "",
-      options.batcher.max_queue_delay_us, options.batcher.max_queue_size);
+      "SERVING: passes of up to {} rows{}, max queue delay {} us, queue {} requests, {} running generations, "
+      "sampler shift {}",
+      options.scheduler.max_batch_samples,
+      options.scheduler.max_batch_tokens > 0 ? absl::StrCat(" / ", options.scheduler.max_batch_tokens, " tokens") : "",
+      options.scheduler.max_queue_delay_us, options.scheduler.max_queue_size, options.scheduler.max_running_generations,
+      flow_match.shift);
 
   int signal_number = 0;
   sigwait(&stop_signals, &signal_number);

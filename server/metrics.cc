@@ -51,57 +51,90 @@ void Histogram::Render(const std::string& name, std::string& out) const {
                   cumulative, "\n");
 }
 
-ServerMetrics::ServerMetrics(std::function<int64_t()> queue_depth)
+ServerMetrics::ServerMetrics(std::function<int64_t()> queue_depth, std::function<int64_t()> running_generations)
     : queue_depth_(std::move(queue_depth)),
-      queue_seconds_(Exponential(100e-6, 2, 16)),  // 100 us .. 3.3 s
-      compute_seconds_(Exponential(1e-3, 2, 14)),  // 1 ms .. 8 s
-      batch_samples_(Exponential(1, 2, 10)),       // 1 .. 512
-      batch_tokens_(Exponential(16, 2, 14)) {}     // 16 .. 131072
+      running_generations_(std::move(running_generations)),
+      queue_seconds_(Exponential(100e-6, 2, 16)),       // 100 us .. 3.3 s
+      compute_seconds_(Exponential(1e-3, 2, 14)),       // 1 ms .. 8 s
+      batch_samples_(Exponential(1, 2, 10)),            // 1 .. 512
+      batch_tokens_(Exponential(16, 2, 14)),            // 16 .. 131072
+      step_queue_seconds_(Exponential(100e-6, 2, 16)),  // 100 us .. 3.3 s
+      first_step_seconds_(Exponential(1e-3, 2, 16)),    // 1 ms .. 33 s
+      generation_seconds_(Exponential(10e-3, 2, 16)) {} // 10 ms .. 5.5 min
 
 void ServerMetrics::CountRequest(int code) {
   if (code >= 0 && code < 17) requests_by_code_[code].fetch_add(1);
 }
 
-void ServerMetrics::ObserveBatch(int64_t samples, int64_t tokens, double seconds, double now_s) {
-  samples_total_.fetch_add(samples);
+void ServerMetrics::Record(std::deque<std::pair<double, int64_t>>& window, double now_s, int64_t count) {
+  window.emplace_back(now_s, count);
+  while (!window.empty() && window.front().first < now_s - kRateWindowSeconds) window.pop_front();
+}
+
+double ServerMetrics::Rate(const std::deque<std::pair<double, int64_t>>& window, double now_s) {
+  int64_t recent = 0;
+  for (const auto& [time_s, count] : window) {
+    if (time_s >= now_s - kRateWindowSeconds) recent += count;
+  }
+  return recent / kRateWindowSeconds;
+}
+
+void ServerMetrics::ObservePass(int64_t rows, int64_t tokens, double seconds, double now_s) {
+  samples_total_.fetch_add(rows);
   compute_seconds_.Observe(seconds);
-  batch_samples_.Observe(samples);
+  batch_samples_.Observe(rows);
   batch_tokens_.Observe(tokens);
   std::lock_guard<std::mutex> lock(window_mutex_);
-  recent_batches_.emplace_back(now_s, samples);
-  while (!recent_batches_.empty() && recent_batches_.front().first < now_s - kRateWindowSeconds) {
-    recent_batches_.pop_front();
-  }
+  Record(recent_passes_, now_s, rows);
+}
+
+void ServerMetrics::ObserveGenerationStep(double queue_seconds, double now_s) {
+  generation_steps_total_.fetch_add(1);
+  step_queue_seconds_.Observe(queue_seconds);
+  std::lock_guard<std::mutex> lock(window_mutex_);
+  Record(recent_steps_, now_s, 1);
 }
 
 std::string ServerMetrics::Render(double now_s) const {
   std::string out;
-  Header(out, "mmdit_requests_total", "counter", "Denoise calls answered, by gRPC status code.");
+  Header(out, "mmdit_requests_total", "counter", "Denoise and Generate calls answered, by gRPC status code.");
   for (int code = 0; code < 17; ++code) {
     absl::StrAppend(&out, "mmdit_requests_total{code=\"", absl::StatusCodeToString(static_cast<absl::StatusCode>(code)),
                     "\"} ", requests_by_code_[code].load(), "\n");
   }
-  Header(out, "mmdit_queue_seconds", "histogram", "Time from arrival to the start of the request's forward pass.");
+  Header(out, "mmdit_queue_seconds", "histogram", "Denoise calls: time from arrival to the start of their pass.");
   queue_seconds_.Render("mmdit_queue_seconds", out);
-  Header(out, "mmdit_compute_seconds", "histogram", "Duration of each batched forward pass.");
+  Header(out, "mmdit_compute_seconds", "histogram", "Duration of each shared forward pass.");
   compute_seconds_.Render("mmdit_compute_seconds", out);
-  Header(out, "mmdit_batch_samples", "histogram", "Samples per forward pass.");
+  Header(out, "mmdit_batch_samples", "histogram", "Rows (samples) per forward pass, Denoise and Generate together.");
   batch_samples_.Render("mmdit_batch_samples", out);
   Header(out, "mmdit_batch_tokens", "histogram", "Image plus text tokens per forward pass.");
   batch_tokens_.Render("mmdit_batch_tokens", out);
-  Header(out, "mmdit_queue_depth", "gauge", "Requests waiting for a forward pass.");
+  Header(out, "mmdit_queue_depth", "gauge", "Requests (Denoise and Generate) waiting for admission.");
   absl::StrAppend(&out, "mmdit_queue_depth ", queue_depth_(), "\n");
   Header(out, "mmdit_samples_total", "counter", "Samples computed.");
   absl::StrAppend(&out, "mmdit_samples_total ", samples_total_.load(), "\n");
-  int64_t recent = 0;
+  double samples_per_second = 0, steps_per_second = 0;
   {
     std::lock_guard<std::mutex> lock(window_mutex_);
-    for (const auto& [time_s, samples] : recent_batches_) {
-      if (time_s >= now_s - kRateWindowSeconds) recent += samples;
-    }
+    samples_per_second = Rate(recent_passes_, now_s);
+    steps_per_second = Rate(recent_steps_, now_s);
   }
-  Header(out, "mmdit_samples_per_second", "gauge", "Samples computed per second over the last 10 seconds.");
-  absl::StrAppend(&out, "mmdit_samples_per_second ", recent / kRateWindowSeconds, "\n");
+  Header(out, "mmdit_samples_per_second", "gauge", "Rows computed per second over the last 10 seconds.");
+  absl::StrAppend(&out, "mmdit_samples_per_second ", samples_per_second, "\n");
+  Header(out, "mmdit_generations_running", "gauge", "Generations admitted and not yet finished.");
+  absl::StrAppend(&out, "mmdit_generations_running ", running_generations_(), "\n");
+  Header(out, "mmdit_generation_steps_total", "counter", "Generation steps computed.");
+  absl::StrAppend(&out, "mmdit_generation_steps_total ", generation_steps_total_.load(), "\n");
+  Header(out, "mmdit_generation_steps_per_second", "gauge", "Generation steps per second over the last 10 seconds.");
+  absl::StrAppend(&out, "mmdit_generation_steps_per_second ", steps_per_second, "\n");
+  Header(out, "mmdit_generation_step_queue_seconds", "histogram",
+         "Per generation step: time since the generation's previous step ended (or its arrival).");
+  step_queue_seconds_.Render("mmdit_generation_step_queue_seconds", out);
+  Header(out, "mmdit_generation_first_step_seconds", "histogram", "Time from a Generate's arrival to its first step.");
+  first_step_seconds_.Render("mmdit_generation_first_step_seconds", out);
+  Header(out, "mmdit_generation_seconds", "histogram", "End-to-end time of each completed generation.");
+  generation_seconds_.Render("mmdit_generation_seconds", out);
   return out;
 }
 

@@ -33,29 +33,43 @@ class Histogram {
 // Everything the server measures. Thread-safe.
 class ServerMetrics {
  public:
-  // `queue_depth` is read at each scrape.
-  explicit ServerMetrics(std::function<int64_t()> queue_depth);
+  // `queue_depth` and `running_generations` are read at each scrape.
+  ServerMetrics(std::function<int64_t()> queue_depth, std::function<int64_t()> running_generations);
 
-  // One finished Denoise call, by its gRPC status code (0..16).
+  // One finished Denoise or Generate call, by its gRPC status code (0..16).
   void CountRequest(int code);
+  // A Denoise call's wait from arrival to its pass.
   void ObserveQueueTime(double seconds) { queue_seconds_.Observe(seconds); }
-  // One forward pass over `samples` samples and `tokens` tokens, taking `seconds`, at `now_s`.
-  void ObserveBatch(int64_t samples, int64_t tokens, double seconds, double now_s);
+  // One forward pass over `rows` rows and `tokens` tokens, taking `seconds`, ending at `now_s`.
+  void ObservePass(int64_t rows, int64_t tokens, double seconds, double now_s);
+  // One generation step, which waited `queue_seconds` since the generation's previous step
+  // (or its arrival), ending at `now_s`.
+  void ObserveGenerationStep(double queue_seconds, double now_s);
+  void ObserveFirstStep(double seconds_since_arrival) { first_step_seconds_.Observe(seconds_since_arrival); }
+  void ObserveGeneration(double seconds_since_arrival) { generation_seconds_.Observe(seconds_since_arrival); }
 
   // The Prometheus text format (version 0.0.4); `now_s` for the samples-per-second window.
   std::string Render(double now_s) const;
 
   uint64_t requests_with_code(int code) const { return requests_by_code_[code].load(); }
   uint64_t samples_computed() const { return samples_total_.load(); }
+  uint64_t generation_steps() const { return generation_steps_total_.load(); }
 
  private:
   static constexpr double kRateWindowSeconds = 10.0;
-  std::function<int64_t()> queue_depth_;
+  // Appends (now_s, count) to `window` and forgets what is older than the rate window.
+  static void Record(std::deque<std::pair<double, int64_t>>& window, double now_s, int64_t count);
+  static double Rate(const std::deque<std::pair<double, int64_t>>& window, double now_s);
+
+  std::function<int64_t()> queue_depth_, running_generations_;
   std::array<std::atomic<uint64_t>, 17> requests_by_code_{};
   std::atomic<uint64_t> samples_total_{0};
+  std::atomic<uint64_t> generation_steps_total_{0};
   Histogram queue_seconds_, compute_seconds_, batch_samples_, batch_tokens_;
+  Histogram step_queue_seconds_, first_step_seconds_, generation_seconds_;
   mutable std::mutex window_mutex_;
-  std::deque<std::pair<double, int64_t>> recent_batches_;  // guarded: (time_s, samples)
+  std::deque<std::pair<double, int64_t>> recent_passes_;  // guarded: (time_s, rows)
+  std::deque<std::pair<double, int64_t>> recent_steps_;   // guarded: (time_s, 1)
 };
 
 // Serves GET /metrics over HTTP/1.0 on its own thread; stops on destruction.

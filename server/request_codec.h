@@ -5,7 +5,10 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include <optional>
+
 #include "core/engine.h"
+#include "core/sampler.h"
 #include "mmdit/v1/denoiser.pb.h"
 #include "proto/tensor_codec.h"
 
@@ -18,6 +21,7 @@ struct RequestLimits {
   int64_t max_latent_height = 0;  // latent pixels; 0: the position table's size (or no limit)
   int64_t max_latent_width = 0;
   int64_t max_image_tokens = 16384;  // per sample, after patching
+  int64_t max_steps = 1000;          // per Generate
 };
 
 // A request that passed every check: float32 copies of its tensors, and per-sample views
@@ -35,5 +39,24 @@ struct DecodedRequest {
 // `limits` allow, a latent larger than allowed, or a sample that does not fit the model.
 absl::StatusOr<DecodedRequest> DecodeRequest(const v1::DenoiseRequest& request, const Engine& engine,
                                              const RequestLimits& limits);
+
+// A Generate request that passed every check: its conditioning (per sample, without the
+// batch dimension), its sampler at the first step, and what one of its passes needs at most.
+struct DecodedGenerate {
+  Tensor txt_embed, pooled_text;                    // [T, J], [P]
+  Tensor negative_txt_embed, negative_pooled_text;  // empty without CFG
+  std::optional<FlowMatchSampler> sampler;
+  int64_t preview_every = 0;
+  v1::DType output_dtype = v1::FP32;
+  int64_t max_rows = 1;    // per step: 1, 2 with CFG, 3 with skip-layer guidance
+  int64_t max_tokens = 0;  // per step, over those rows
+  TextCondition Positive() const { return {txt_embed, pooled_text}; }
+  TextCondition Negative() const { return {negative_txt_embed, negative_pooled_text}; }
+};
+
+// Decodes and validates `request` for `engine` (the same checks as Denoise's for every tensor
+// and the latent, plus the sampler's options). Errors: INVALID_ARGUMENT naming the field.
+absl::StatusOr<DecodedGenerate> DecodeGenerateRequest(const v1::GenerateRequest& request, const Engine& engine,
+                                                      const RequestLimits& limits, const FlowMatchConfig& flow_match);
 
 }  // namespace mmdit

@@ -66,8 +66,8 @@ TEST(DenoiserServer, HalfPrecisionOnTheWireComesBackInTheSameDtype) {
 
 TEST(DenoiserServer, ConcurrentCallersOfDifferentShapesShareForwardPassesAndGetTheirOwnAnswers) {
   ServerOptions options;
-  options.batcher.max_batch_samples = 16;
-  options.batcher.max_queue_delay_us = 300'000;  // long enough that concurrent calls meet
+  options.scheduler.max_batch_samples = 16;
+  options.scheduler.max_queue_delay_us = 300'000;  // long enough that concurrent calls meet
   auto server = StartServer(options);
   auto client = ClientFor(*server);
   const std::vector<Inputs> inputs = {
@@ -76,7 +76,8 @@ TEST(DenoiserServer, ConcurrentCallersOfDifferentShapesShareForwardPassesAndGetT
       RandomSd3TinyInputs(1, 6, 10, 9, 50),   RandomSd3TinyInputs(2, 8, 8, 7, 60),
   };
   std::vector<std::unique_ptr<testing::AsyncCall>> calls;
-  for (const Inputs& in : inputs) calls.push_back(StartDenoise(*client, in));
+  // They ask to wait for company, so they meet even though the engine is idle.
+  for (const Inputs& in : inputs) calls.push_back(StartDenoise(*client, in, kTimeout, /*wait_for_batch=*/true));
   int merged = 0;
   for (size_t i = 0; i < calls.size(); ++i) {
     const grpc::Status status = calls[i]->status.get();
@@ -91,10 +92,11 @@ TEST(DenoiserServer, ConcurrentCallersOfDifferentShapesShareForwardPassesAndGetT
 
 TEST(DenoiserServer, DeadlinePassingWhileQueuedIsDeadlineExceededAndNothingIsComputed) {
   ServerOptions options;
-  options.batcher.max_queue_delay_us = 2'000'000;
+  options.scheduler.max_queue_delay_us = 2'000'000;
   auto server = StartServer(options);
   auto client = ClientFor(*server);
-  auto call = StartDenoise(*client, RandomSd3TinyInputs(1, 8, 8, 7, 1), std::chrono::milliseconds(100));
+  auto call = StartDenoise(*client, RandomSd3TinyInputs(1, 8, 8, 7, 1), std::chrono::milliseconds(100),
+                           /*wait_for_batch=*/true);
   EXPECT_EQ(call->status.get().error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
   // The server drops it when it next looks at the queue, without computing it.
   EXPECT_TRUE(Eventually([&] { return server->queue_size() == 0; }));
@@ -104,10 +106,10 @@ TEST(DenoiserServer, DeadlinePassingWhileQueuedIsDeadlineExceededAndNothingIsCom
 
 TEST(DenoiserServer, ClientCancellationWhileQueuedIsDroppedWithoutComputing) {
   ServerOptions options;
-  options.batcher.max_queue_delay_us = 2'000'000;
+  options.scheduler.max_queue_delay_us = 2'000'000;
   auto server = StartServer(options);
   auto client = ClientFor(*server);
-  auto call = StartDenoise(*client, RandomSd3TinyInputs(1, 8, 8, 7, 1));
+  auto call = StartDenoise(*client, RandomSd3TinyInputs(1, 8, 8, 7, 1), kTimeout, /*wait_for_batch=*/true);
   ASSERT_TRUE(Eventually([&] { return server->queue_size() == 1; }));
   call->context.TryCancel();
   EXPECT_EQ(call->status.get().error_code(), grpc::StatusCode::CANCELLED);
@@ -118,12 +120,12 @@ TEST(DenoiserServer, ClientCancellationWhileQueuedIsDroppedWithoutComputing) {
 
 TEST(DenoiserServer, AFullQueueAnswersResourceExhaustedAtOnce) {
   ServerOptions options;
-  options.batcher.max_queue_size = 2;
-  options.batcher.max_queue_delay_us = 10'000'000;
+  options.scheduler.max_queue_size = 2;
+  options.scheduler.max_queue_delay_us = 10'000'000;
   auto server = StartServer(options);
   auto client = ClientFor(*server);
-  auto first = StartDenoise(*client, RandomSd3TinyInputs(1, 8, 8, 7, 1));
-  auto second = StartDenoise(*client, RandomSd3TinyInputs(1, 8, 8, 7, 2));
+  auto first = StartDenoise(*client, RandomSd3TinyInputs(1, 8, 8, 7, 1), kTimeout, /*wait_for_batch=*/true);
+  auto second = StartDenoise(*client, RandomSd3TinyInputs(1, 8, 8, 7, 2), kTimeout, /*wait_for_batch=*/true);
   ASSERT_TRUE(Eventually([&] { return server->queue_size() == 2; }));
   auto refused = client->Denoise(RandomSd3TinyInputs(1, 8, 8, 7, 3).View(), v1::FP32, kTimeout);
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
@@ -135,13 +137,15 @@ TEST(DenoiserServer, AFullQueueAnswersResourceExhaustedAtOnce) {
 
 TEST(DenoiserServer, DrainAnswersEveryAcceptedRequestAndRefusesNewOnes) {
   ServerOptions options;
-  options.batcher.max_queue_delay_us = 10'000'000;
-  options.batcher.max_batch_samples = 2;
+  options.scheduler.max_queue_delay_us = 10'000'000;
+  options.scheduler.max_batch_samples = 2;
   auto server = StartServer(options);
   auto client = ClientFor(*server);
   std::vector<std::unique_ptr<testing::AsyncCall>> accepted;
-  for (uint32_t i = 0; i < 3; ++i) accepted.push_back(StartDenoise(*client, RandomSd3TinyInputs(1, 8, 8, 7, i)));
-  // All three accepted: two ran as a full batch, the third waits (for 10 s) in the queue.
+  for (uint32_t i = 0; i < 3; ++i) {
+    accepted.push_back(StartDenoise(*client, RandomSd3TinyInputs(1, 8, 8, 7, i), kTimeout, /*wait_for_batch=*/true));
+  }
+  // All three accepted: two ran as a full pass, the third waits (for 10 s) for company.
   ASSERT_TRUE(Eventually([&] { return server->metrics().samples_computed() == 2 && server->queue_size() == 1; }));
   server->BeginDrain();
   for (auto& call : accepted) EXPECT_TRUE(call->status.get().ok());
@@ -156,12 +160,12 @@ TEST(DenoiserServer, DrainAnswersEveryAcceptedRequestAndRefusesNewOnes) {
 
 TEST(DenoiserServer, MalformedRequestsAreInvalidArgumentAndHarmNoBatchMate) {
   ServerOptions options;
-  options.batcher.max_queue_delay_us = 200'000;
+  options.scheduler.max_queue_delay_us = 200'000;
   options.limits.max_text_tokens = 16;
   auto server = StartServer(options);
   auto client = ClientFor(*server);
   const Inputs good = RandomSd3TinyInputs(1, 8, 8, 7, 1);
-  auto good_call = StartDenoise(*client, good);  // queued while the bad ones arrive
+  auto good_call = StartDenoise(*client, good, kTimeout, /*wait_for_batch=*/true);  // queued while the bad ones arrive
   std::vector<std::pair<v1::DenoiseRequest, std::string>> bad;
   auto with = [&](const std::function<void(v1::DenoiseRequest&)>& spoil, const std::string& message) {
     v1::DenoiseRequest request = MakeDenoiseRequest(good.View(), v1::FP32);
@@ -207,7 +211,7 @@ TEST(DenoiserServer, HealthFollowsTheLifeCycle) {
 
 TEST(DenoiserServer, GetModelInfoReportsTheModelAndTheLimits) {
   ServerOptions options;
-  options.batcher.max_batch_samples = 6;
+  options.scheduler.max_batch_samples = 6;
   options.limits.max_samples_per_request = 4;
   options.model_dir = "golden/sd3_tiny";
   auto server = StartServer(options);

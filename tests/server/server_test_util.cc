@@ -39,9 +39,10 @@ Inputs RandomSd3TinyInputs(int64_t batch, int64_t height, int64_t width, int64_t
 }
 
 std::unique_ptr<AsyncCall> StartDenoise(DenoiserClient& client, const Inputs& inputs,
-                                        std::chrono::milliseconds timeout) {
+                                        std::chrono::milliseconds timeout, bool wait_for_batch) {
   auto call = std::make_unique<AsyncCall>();
   call->request = MakeDenoiseRequest(inputs.View(), v1::FP32);
+  call->request.set_wait_for_batch(wait_for_batch);
   call->context.set_deadline(std::chrono::system_clock::now() + timeout);
   AsyncCall* raw = call.get();
   client.stub().async()->Denoise(&raw->context, &raw->request, &raw->response,

@@ -36,8 +36,10 @@ struct AsyncCall {
   std::promise<grpc::Status> done;
   std::future<grpc::Status> status = done.get_future();
 };
+// With `wait_for_batch`, the call asks to wait up to --max_queue_delay_us for company.
 std::unique_ptr<AsyncCall> StartDenoise(DenoiserClient& client, const Inputs& inputs,
-                                        std::chrono::milliseconds timeout = std::chrono::seconds(30));
+                                        std::chrono::milliseconds timeout = std::chrono::seconds(30),
+                                        bool wait_for_batch = false);
 
 // Polls `condition` every millisecond for up to `limit`; true once it holds. (For waiting on
 // another thread's progress, not for timing anything.)
