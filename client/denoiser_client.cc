@@ -38,6 +38,35 @@ v1::DenoiseRequest MakeDenoiseRequest(const DenoiseInputs& inputs, v1::DType dty
   EncodeTensor(inputs.timestep, v1::FP32, request.mutable_timestep());  // timesteps reach 999: keep them exact
   EncodeTensor(inputs.pooled_text, dtype, request.mutable_pooled_text());
   request.set_request_id(inputs.request_id);
+  request.set_wait_for_batch(inputs.wait_for_batch);
+  return request;
+}
+
+v1::GenerateRequest MakeGenerateRequest(const GenerateInputs& inputs, v1::DType dtype) {
+  v1::GenerateRequest request;
+  EncodeTensor(inputs.txt_embed, dtype, request.mutable_txt_embed());
+  EncodeTensor(inputs.pooled_text, dtype, request.mutable_pooled_text());
+  if (inputs.negative_txt_embed) EncodeTensor(*inputs.negative_txt_embed, dtype, request.mutable_negative_txt_embed());
+  if (inputs.negative_pooled_text) {
+    EncodeTensor(*inputs.negative_pooled_text, dtype, request.mutable_negative_pooled_text());
+  }
+  for (int64_t d : inputs.latent_shape) request.add_latent_shape(d);
+  request.set_steps(inputs.steps);
+  if (inputs.guidance_scale) request.set_guidance_scale(*inputs.guidance_scale);
+  request.set_seed(inputs.seed);
+  if (inputs.initial_noise) EncodeTensor(*inputs.initial_noise, dtype, request.mutable_initial_noise());
+  if (inputs.init_latent) EncodeTensor(*inputs.init_latent, dtype, request.mutable_init_latent());
+  if (inputs.strength) request.set_strength(*inputs.strength);
+  if (!inputs.skip_layers.empty() || inputs.skip_layer_scale || inputs.skip_layer_start || inputs.skip_layer_stop) {
+    v1::SkipLayerGuidance& slg = *request.mutable_skip_layer_guidance();
+    for (int64_t layer : inputs.skip_layers) slg.add_layers(layer);
+    if (inputs.skip_layer_scale) slg.set_scale(*inputs.skip_layer_scale);
+    if (inputs.skip_layer_start) slg.set_start(*inputs.skip_layer_start);
+    if (inputs.skip_layer_stop) slg.set_stop(*inputs.skip_layer_stop);
+  }
+  request.set_preview_every(inputs.preview_every);
+  request.set_output_dtype(dtype);
+  request.set_request_id(inputs.request_id);
   return request;
 }
 
@@ -79,6 +108,50 @@ absl::StatusOr<DenoiseResult> DenoiserClient::Denoise(const DenoiseInputs& input
   result.queue_us = response.queue_us();
   result.compute_us = response.compute_us();
   result.batch_samples = response.batch_samples();
+  return result;
+}
+
+absl::StatusOr<GenerateResult> DenoiserClient::Generate(
+    const GenerateInputs& inputs, v1::DType dtype, std::chrono::milliseconds timeout,
+    const std::function<void(const v1::GenerateProgress&)>& on_progress) {
+  using Clock = std::chrono::steady_clock;
+  const v1::GenerateRequest request = MakeGenerateRequest(inputs, dtype);
+  grpc::ClientContext context;
+  SetTimeout(context, timeout);
+  const Clock::time_point start = Clock::now();
+  std::unique_ptr<grpc::ClientReader<v1::GenerateProgress>> reader = stub_->Generate(&context, request);
+  GenerateResult result;
+  v1::GenerateProgress progress;
+  int64_t messages = 0, batch_samples_sum = 0;
+  bool done = false;
+  absl::Status decoded;
+  while (reader->Read(&progress)) {
+    const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+    if (messages++ == 0) result.first_progress_ms = ms;
+    batch_samples_sum += progress.batch_samples();
+    if (on_progress) on_progress(progress);
+    if (progress.done() && !done) {
+      done = true;
+      result.total_ms = ms;
+      result.steps = progress.total_steps();
+      result.queue_us = progress.queue_us();
+      result.compute_us = progress.compute_us();
+      result.rows = progress.rows();
+      absl::StatusOr<Tensor> latent = DecodeTensor(progress.latent(), "latent");
+      if (latent.ok()) {
+        result.latent = std::move(*latent);
+      } else {
+        decoded = absl::InternalError(absl::StrCat("the final latent: ", latent.status().message()));
+      }
+    }
+  }
+  RETURN_IF_ERROR(FromGrpc(reader->Finish()));
+  if (!done) {
+    return absl::InternalError(
+        absl::StrCat("Generate ended without a done message after ", messages, " progress messages"));
+  }
+  RETURN_IF_ERROR(decoded);
+  result.mean_batch_samples = static_cast<double>(batch_samples_sum) / messages;
   return result;
 }
 

@@ -4,8 +4,11 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <memory>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "core/tensor.h"
@@ -29,6 +32,7 @@ struct ClientOptions {
 struct DenoiseInputs {
   TensorView img_latent, txt_embed, timestep, pooled_text;  // batched, as in the request
   std::string request_id;
+  bool wait_for_batch = false;  // may wait up to the server's --max_queue_delay_us for company
 };
 
 struct DenoiseResult {
@@ -37,11 +41,44 @@ struct DenoiseResult {
   int32_t batch_samples = 0;
 };
 
+// One image for Generate. Tensors have a leading batch of 1; an absent optional is left unset
+// in the request (the server's default, GetModelInfo's SamplerDefaults).
+struct GenerateInputs {
+  TensorView txt_embed;                            // [1, T, J]
+  TensorView pooled_text;                          // [1, P]
+  std::optional<TensorView> negative_txt_embed;    // [1, T', J]: needed when guidance > 1
+  std::optional<TensorView> negative_pooled_text;  // [1, P]
+  Shape latent_shape;  // [C, H, W] or [N]; may be empty when initial_noise or init_latent gives it
+  int32_t steps = 0;   // 0: the server's default
+  std::optional<float> guidance_scale;
+  uint64_t seed = 0;
+  std::optional<TensorView> initial_noise;  // [1, C, H, W] or [1, N, img_dim]
+  std::optional<TensorView> init_latent;    // img2img x0, the noise's shape
+  std::optional<float> strength;
+  std::vector<int64_t> skip_layers;  // skip-layer guidance's blocks; empty: off
+  std::optional<float> skip_layer_scale, skip_layer_start, skip_layer_stop;
+  int32_t preview_every = 0;  // > 0: every k-th progress message carries the latent
+  std::string request_id;
+};
+
+struct GenerateResult {
+  Tensor latent;                         // float32 [1, C, H, W] or [1, N, F], whatever dtype travelled
+  int32_t steps = 0;                     // steps run (the done message's total_steps)
+  int64_t queue_us = 0, compute_us = 0;  // the done message's totals
+  double mean_batch_samples = 0;         // rows per forward pass, averaged over the steps
+  int32_t rows = 0;                      // this generation's own rows in its last step
+  double first_progress_ms = 0;          // from the call until the first progress message
+  double total_ms = 0;                   // from the call until the done message
+};
+
 // Converts a gRPC status (same codes).
 absl::Status FromGrpc(const class grpc::Status& status);
 
 // Builds the request Denoise sends, with tensors encoded as `dtype`.
 v1::DenoiseRequest MakeDenoiseRequest(const DenoiseInputs& inputs, v1::DType dtype);
+
+// Builds the request Generate sends: tensors encoded as `dtype`, latents asked back as `dtype`.
+v1::GenerateRequest MakeGenerateRequest(const GenerateInputs& inputs, v1::DType dtype);
 
 class DenoiserClient {
  public:
@@ -51,6 +88,13 @@ class DenoiserClient {
   // One Denoise call. Errors: the server's status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...).
   absl::StatusOr<DenoiseResult> Denoise(const DenoiseInputs& inputs, v1::DType dtype,
                                         std::chrono::milliseconds timeout);
+  // One Generate call, read to its end; `on_progress` (if set) sees every message in order,
+  // the done one included, on the calling thread. Errors: the server's status (decided before
+  // the first step, or CANCELLED / DEADLINE_EXCEEDED / UNAVAILABLE later); Internal when the
+  // stream ends OK without a done message or the final latent does not decode.
+  absl::StatusOr<GenerateResult> Generate(const GenerateInputs& inputs, v1::DType dtype,
+                                          std::chrono::milliseconds timeout,
+                                          const std::function<void(const v1::GenerateProgress&)>& on_progress = {});
   absl::StatusOr<v1::GetModelInfoResponse> GetModelInfo(std::chrono::milliseconds timeout);
   // The health service's answer for the whole server: true only for SERVING.
   absl::StatusOr<bool> IsServing(std::chrono::milliseconds timeout);

@@ -3,15 +3,30 @@
 //   mmdit-client info    --target HOST:PORT                   the model and the server's limits, as JSON
 //   mmdit-client denoise --target HOST:PORT --img_latent A.npy --txt_embed B.npy --timestep C.npy
 //                        --pooled_text D.npy --out OUT.npy [--dtype f32|bf16|f16]
+//   mmdit-client generate --target HOST:PORT --txt_embed A.npy --pooled_text B.npy
+//                        [--negative_txt_embed C.npy --negative_pooled_text D.npy] [--latent C,H,W | --img_tokens N]
+//                        [--steps N] [--guidance G] [--seed S] [--initial_noise N.npy] [--init_latent X.npy
+//                        --strength F] [--skip_layers 7,8,9 --skip_layer_scale 2.8] [--preview_every K]
+//                        --out OUT.npy [--dtype f32|bf16|f16]
+//                        one image sampled by the server (Generate); inputs have a batch of 1, the output is
+//                        [1, C, H, W] or [1, N, F]; progress on stderr (a bar on a terminal, else a line a step)
 //   mmdit-client bench   --target HOST:PORT (--concurrency C | --rate R) (--requests N | --duration S)
 //                        (--img_tokens N | --latent C,H,W) --txt_tokens T [--batch B] [--mix SPEC] [--json]
+//                        [--generate [--via generate|denoise] [--steps N] [--guidance G]]
+//                        with --generate, whole images: by the server's Generate, or (--via denoise) by this
+//                        client's sampler calling Denoise once per step; mix entries may end in :STEPS
 // TLS: --tls_ca FILE (trust), --tls_cert FILE --tls_key FILE (mutual TLS), --tls_server_name NAME.
 // On failure: the gRPC status code name and message on stderr, exit 1 (2 for usage).
 #include <google/protobuf/util/json_util.h>
+#include <unistd.h>
 
+#include <cmath>
+#include <cstdio>
 #include <iostream>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "client/denoiser_client.h"
 #include "client/load_generator.h"
 #include "core/npy.h"
@@ -28,8 +43,14 @@ constexpr char kUsage[] =
     "  info\n"
     "  denoise --img_latent A.npy --txt_embed B.npy --timestep C.npy --pooled_text D.npy --out OUT.npy\n"
     "          [--dtype f32|bf16|f16] [--timeout_ms 60000]\n"
+    "  generate --txt_embed A.npy --pooled_text B.npy [--negative_txt_embed C.npy --negative_pooled_text D.npy]\n"
+    "          [--latent C,H,W | --img_tokens N] [--steps N] [--guidance G] [--seed S] [--initial_noise N.npy]\n"
+    "          [--init_latent X.npy [--strength F]] [--skip_layers 7,8,9 [--skip_layer_scale 2.8]\n"
+    "          [--skip_layer_start 0.01] [--skip_layer_stop 0.2]] [--preview_every K] [--request_id ID]\n"
+    "          --out OUT.npy [--dtype f32|bf16|f16] [--timeout_ms 600000]\n"
     "  bench   (--concurrency C | --rate R) (--requests N | --duration S) (--img_tokens N | --latent C,H,W)\n"
-    "          --txt_tokens T [--batch B] [--mix W@CxHxW/T;W@N/T] [--dtype f32|bf16|f16] [--json]\n"
+    "          --txt_tokens T [--batch B] [--mix W@CxHxW/T;W@N/T] [--dtype f32|bf16|f16] [--wait_for_batch] [--json]\n"
+    "          [--generate [--via generate|denoise] [--steps N] [--guidance 7]]  whole images; mix W@CxHxW/T:STEPS\n"
     "  TLS:    --tls_ca FILE [--tls_cert FILE --tls_key FILE] [--tls_server_name NAME]\n";
 
 absl::StatusOr<v1::DType> WireDType(const Flags& flags) {
@@ -88,7 +109,184 @@ absl::Status Denoise(const Flags& flags) {
   return WriteNpy(out_path, result.prediction);
 }
 
+// Reads the .npy named by --`name`, if given.
+absl::StatusOr<std::optional<Tensor>> OptionalNpy(const Flags& flags, const std::string& name) {
+  if (!flags.Has(name)) return std::nullopt;
+  ASSIGN_OR_RETURN(Tensor tensor, ReadNpy(flags.String(name)));
+  return tensor;
+}
+
+absl::StatusOr<std::optional<float>> OptionalFloat(const Flags& flags, const std::string& name) {
+  if (!flags.Has(name)) return std::nullopt;
+  ASSIGN_OR_RETURN(double value, flags.Double(name, 0));
+  return static_cast<float>(value);
+}
+
+// Progress on stderr: on a terminal one bar redrawn in place, elsewhere a line per step.
+class ProgressPrinter {
+ public:
+  explicit ProgressPrinter(bool terminal) : terminal_(terminal) {}
+  ~ProgressPrinter() { EndLine(); }
+
+  void Print(const v1::GenerateProgress& progress) {
+    const std::string numbers =
+        absl::StrFormat("%d/%d sigma %.4f rows %d batch %d", progress.step(), progress.total_steps(), progress.sigma(),
+                        progress.rows(), progress.batch_samples());
+    const std::string preview = progress.has_latent() && !progress.done() ? " (preview)" : "";
+    if (!terminal_) {
+      std::cerr << "step " << numbers << preview << "\n";
+      return;
+    }
+    constexpr int kWidth = 30;
+    const int total = std::max(1, progress.total_steps());
+    const int filled = std::clamp(progress.step() * kWidth / total, 0, kWidth);
+    std::cerr << "\r[" << std::string(filled, '#') << std::string(kWidth - filled, ' ') << "] " << numbers << preview
+              << "   " << std::flush;
+    open_ = true;
+  }
+
+  void EndLine() {
+    if (open_) std::cerr << "\n";
+    open_ = false;
+  }
+
+ private:
+  const bool terminal_;
+  bool open_ = false;  // a bar is on the terminal's current line
+};
+
+absl::Status Generate(const Flags& flags) {
+  ASSIGN_OR_RETURN(v1::DType dtype, WireDType(flags));
+  ASSIGN_OR_RETURN(std::string out_path, flags.RequiredString("out"));
+  ASSIGN_OR_RETURN(std::string txt_path, flags.RequiredString("txt_embed"));
+  ASSIGN_OR_RETURN(std::string pooled_path, flags.RequiredString("pooled_text"));
+  ASSIGN_OR_RETURN(const Tensor txt_embed, ReadNpy(txt_path));
+  ASSIGN_OR_RETURN(const Tensor pooled_text, ReadNpy(pooled_path));
+  if (flags.Has("negative_txt_embed") != flags.Has("negative_pooled_text")) {
+    return absl::InvalidArgumentError("give both --negative_txt_embed and --negative_pooled_text, or neither");
+  }
+  ASSIGN_OR_RETURN(const std::optional<Tensor> negative_txt, OptionalNpy(flags, "negative_txt_embed"));
+  ASSIGN_OR_RETURN(const std::optional<Tensor> negative_pooled, OptionalNpy(flags, "negative_pooled_text"));
+  ASSIGN_OR_RETURN(const std::optional<Tensor> initial_noise, OptionalNpy(flags, "initial_noise"));
+  ASSIGN_OR_RETURN(const std::optional<Tensor> init_latent, OptionalNpy(flags, "init_latent"));
+
+  GenerateInputs inputs;
+  inputs.txt_embed = txt_embed;
+  inputs.pooled_text = pooled_text;
+  if (negative_txt) inputs.negative_txt_embed = *negative_txt;
+  if (negative_pooled) inputs.negative_pooled_text = *negative_pooled;
+  if (initial_noise) inputs.initial_noise = *initial_noise;
+  if (init_latent) inputs.init_latent = *init_latent;
+  if (flags.Has("latent") && flags.Has("img_tokens")) {
+    return absl::InvalidArgumentError("give at most one of --latent C,H,W and --img_tokens N");
+  }
+  if (flags.Has("latent")) {
+    ASSIGN_OR_RETURN(inputs.latent_shape, flags.IntList("latent"));
+  } else if (flags.Has("img_tokens")) {
+    ASSIGN_OR_RETURN(int64_t tokens, flags.RequiredInt("img_tokens"));
+    inputs.latent_shape = {tokens};
+  } else if (!initial_noise && !init_latent) {
+    return absl::InvalidArgumentError("give --latent C,H,W or --img_tokens N (or --initial_noise for the shape)");
+  }
+  ASSIGN_OR_RETURN(int64_t steps, flags.Int("steps", 0));
+  inputs.steps = static_cast<int32_t>(steps);
+  ASSIGN_OR_RETURN(inputs.guidance_scale, OptionalFloat(flags, "guidance"));
+  ASSIGN_OR_RETURN(int64_t seed, flags.Int("seed", 0));
+  inputs.seed = static_cast<uint64_t>(seed);
+  ASSIGN_OR_RETURN(inputs.strength, OptionalFloat(flags, "strength"));
+  if (flags.Has("skip_layers")) {
+    ASSIGN_OR_RETURN(inputs.skip_layers, flags.IntList("skip_layers"));
+  }
+  ASSIGN_OR_RETURN(inputs.skip_layer_scale, OptionalFloat(flags, "skip_layer_scale"));
+  ASSIGN_OR_RETURN(inputs.skip_layer_start, OptionalFloat(flags, "skip_layer_start"));
+  ASSIGN_OR_RETURN(inputs.skip_layer_stop, OptionalFloat(flags, "skip_layer_stop"));
+  ASSIGN_OR_RETURN(int64_t preview_every, flags.Int("preview_every", 0));
+  inputs.preview_every = static_cast<int32_t>(preview_every);
+  inputs.request_id = flags.String("request_id");
+  ASSIGN_OR_RETURN(int64_t timeout_ms, flags.Int("timeout_ms", 600'000));
+
+  ASSIGN_OR_RETURN(auto client, Connect(flags));
+  ProgressPrinter printer(::isatty(STDERR_FILENO) == 1);
+  absl::StatusOr<GenerateResult> result =
+      client->Generate(inputs, dtype, std::chrono::milliseconds(timeout_ms),
+                       [&printer](const v1::GenerateProgress& progress) { printer.Print(progress); });
+  printer.EndLine();
+  if (!result.ok()) return result.status();
+  std::cerr << absl::StrFormat(
+      "%d steps in %.1f ms (first step after %.1f ms); queue %d us, compute %d us, mean batch %.2f rows\n",
+      result->steps, result->total_ms, result->first_progress_ms, result->queue_us, result->compute_us,
+      result->mean_batch_samples);
+  return WriteNpy(out_path, result->latent);
+}
+
+// The request shapes of a bench: --mix, or one shape from --latent / --img_tokens and --txt_tokens.
+absl::StatusOr<std::vector<RequestShape>> BenchMix(const Flags& flags, const v1::GetModelInfoResponse& info,
+                                                   int64_t batch) {
+  if (flags.Has("mix")) return ParseMix(flags.String("mix"), batch, info.model().img_dim());
+  ASSIGN_OR_RETURN(int64_t text_tokens, flags.RequiredInt("txt_tokens"));
+  if (flags.Has("latent") == flags.Has("img_tokens")) {
+    return absl::InvalidArgumentError("give exactly one of --img_tokens N, --latent C,H,W or --mix SPEC");
+  }
+  Shape img;
+  if (flags.Has("latent")) {
+    ASSIGN_OR_RETURN(img, flags.IntList("latent"));
+  } else {
+    ASSIGN_OR_RETURN(int64_t tokens, flags.RequiredInt("img_tokens"));
+    img = {tokens, info.model().img_dim()};
+  }
+  return std::vector<RequestShape>{{1.0, batch, img, text_tokens}};
+}
+
+std::string ErrorCounts(const std::map<std::string, int64_t>& errors) {
+  std::string text;
+  for (const auto& [code, count] : errors) absl::StrAppend(&text, " ", code, "=", count);
+  return text.empty() ? " none" : text;
+}
+
+absl::Status BenchGenerate(const Flags& flags, DenoiserClient& client, const v1::GetModelInfoResponse& info) {
+  GenerateLoadOptions options;
+  ASSIGN_OR_RETURN(options.concurrency, flags.Int("concurrency", 0));
+  ASSIGN_OR_RETURN(options.rate, flags.Double("rate", 0));
+  ASSIGN_OR_RETURN(options.requests, flags.Int("requests", 0));
+  ASSIGN_OR_RETURN(options.duration_s, flags.Double("duration", 0));
+  ASSIGN_OR_RETURN(options.dtype, WireDType(flags));
+  ASSIGN_OR_RETURN(options.timeout_ms, flags.Int("timeout_ms", 600'000));
+  ASSIGN_OR_RETURN(options.steps, flags.Int("steps", 0));
+  ASSIGN_OR_RETURN(double guidance, flags.Double("guidance", 7.0));
+  options.guidance_scale = static_cast<float>(guidance);
+  ASSIGN_OR_RETURN(options.wait_for_batch, flags.Bool("wait_for_batch", false));
+  const std::string via = flags.String("via", "generate");
+  if (via != "generate" && via != "denoise") {
+    return absl::InvalidArgumentError(absl::StrCat("--via must be generate or denoise, got '", via, "'"));
+  }
+  options.via = via == "generate" ? GenerateVia::kGenerate : GenerateVia::kDenoise;
+  if (flags.Has("batch"))
+    return absl::InvalidArgumentError("--batch is for Denoise benches: a generation is one image");
+  ASSIGN_OR_RETURN(options.mix, BenchMix(flags, info, 1));
+  ASSIGN_OR_RETURN(GenerateLoadReport report, RunGenerateLoad(client, options));
+  std::cout << absl::StrFormat(
+      "via %s: %d generations in %.2f s; errors:%s\n"
+      "throughput %.3f images/s, %.2f steps/s\n"
+      "time to first step ms p50 %.1f  p90 %.1f  p99 %.1f\n"
+      "end-to-end ms p50 %.1f  p90 %.1f  p99 %.1f\n"
+      "mean rows per pass %.2f; server queue %.0f us, compute %.0f us per image (means)\n",
+      via, report.requests, report.wall_s, ErrorCounts(report.errors), report.images_per_s, report.steps_per_s,
+      report.ttfs_p50_ms, report.ttfs_p90_ms, report.ttfs_p99_ms, report.p50_ms, report.p90_ms, report.p99_ms,
+      report.mean_batch_samples, report.server_queue_us_mean, report.server_compute_us_mean);
+  ASSIGN_OR_RETURN(bool json, flags.Bool("json", false));
+  if (json) std::cout << report.ToJson().dump() << "\n";
+  return absl::OkStatus();
+}
+
 absl::Status Bench(const Flags& flags) {
+  ASSIGN_OR_RETURN(bool generate, flags.Bool("generate", false));
+  generate = generate || flags.Has("via");
+  if (!generate && (flags.Has("steps") || flags.Has("guidance"))) {
+    return absl::InvalidArgumentError("--steps and --guidance are for --generate");
+  }
+  ASSIGN_OR_RETURN(auto client, Connect(flags));
+  ASSIGN_OR_RETURN(v1::GetModelInfoResponse info, client->GetModelInfo(Timeout(flags)));
+  if (generate) return BenchGenerate(flags, *client, info);
   LoadOptions options;
   ASSIGN_OR_RETURN(options.concurrency, flags.Int("concurrency", 0));
   ASSIGN_OR_RETURN(options.rate, flags.Double("rate", 0));
@@ -96,37 +294,20 @@ absl::Status Bench(const Flags& flags) {
   ASSIGN_OR_RETURN(options.duration_s, flags.Double("duration", 0));
   ASSIGN_OR_RETURN(options.dtype, WireDType(flags));
   ASSIGN_OR_RETURN(options.timeout_ms, flags.Int("timeout_ms", 60'000));
+  ASSIGN_OR_RETURN(options.wait_for_batch, flags.Bool("wait_for_batch", false));
   ASSIGN_OR_RETURN(int64_t batch, flags.Int("batch", 1));
-  ASSIGN_OR_RETURN(auto client, Connect(flags));
-  ASSIGN_OR_RETURN(v1::GetModelInfoResponse info, client->GetModelInfo(Timeout(flags)));
-  if (flags.Has("mix")) {
-    ASSIGN_OR_RETURN(options.mix, ParseMix(flags.String("mix"), batch, info.model().img_dim()));
-  } else {
-    ASSIGN_OR_RETURN(int64_t text_tokens, flags.RequiredInt("txt_tokens"));
-    if (flags.Has("latent") == flags.Has("img_tokens")) {
-      return absl::InvalidArgumentError("give exactly one of --img_tokens N, --latent C,H,W or --mix SPEC");
-    }
-    Shape img;
-    if (flags.Has("latent")) {
-      ASSIGN_OR_RETURN(img, flags.IntList("latent"));
-    } else {
-      ASSIGN_OR_RETURN(int64_t tokens, flags.RequiredInt("img_tokens"));
-      img = {tokens, info.model().img_dim()};
-    }
-    options.mix = {{1.0, batch, img, text_tokens}};
-  }
+  ASSIGN_OR_RETURN(options.mix, BenchMix(flags, info, batch));
   ASSIGN_OR_RETURN(LoadReport report, RunLoad(*client, options));
-  std::string errors;
-  for (const auto& [code, count] : report.errors) absl::StrAppend(&errors, " ", code, "=", count);
-  std::cout << "requests " << report.requests << " in " << report.wall_s
-            << " s; errors:" << (errors.empty() ? " none" : errors) << "\n"
+  std::cout << "requests " << report.requests << " in " << report.wall_s << " s; errors:" << ErrorCounts(report.errors)
+            << "\n"
             << "throughput " << report.throughput_rps << " requests/s, " << report.throughput_samples_per_s
             << " samples/s\n"
             << "latency ms p50 " << report.p50_ms << "  p90 " << report.p90_ms << "  p95 " << report.p95_ms << "  p99 "
             << report.p99_ms << "\n"
             << "mean batch_samples " << report.mean_batch_samples << "; server queue " << report.server_queue_us_mean
             << " us, compute " << report.server_compute_us_mean << " us (means)\n";
-  if (flags.String("json", "false") != "false") std::cout << report.ToJson().dump() << "\n";
+  ASSIGN_OR_RETURN(bool json, flags.Bool("json", false));
+  if (json) std::cout << report.ToJson().dump() << "\n";
   return absl::OkStatus();
 }
 
@@ -140,10 +321,32 @@ int Main(int argc, char** argv) {
       {"health", Health, {}},
       {"info", Info, {}},
       {"denoise", Denoise, {"img_latent", "txt_embed", "timestep", "pooled_text", "out", "dtype"}},
+      {"generate",
+       Generate,
+       {"txt_embed",
+        "pooled_text",
+        "negative_txt_embed",
+        "negative_pooled_text",
+        "latent",
+        "img_tokens",
+        "steps",
+        "guidance",
+        "seed",
+        "initial_noise",
+        "init_latent",
+        "strength",
+        "skip_layers",
+        "skip_layer_scale",
+        "skip_layer_start",
+        "skip_layer_stop",
+        "preview_every",
+        "request_id",
+        "out",
+        "dtype"}},
       {"bench",
        Bench,
        {"concurrency", "rate", "requests", "duration", "img_tokens", "latent", "txt_tokens", "batch", "mix", "dtype",
-        "json"}},
+        "json", "generate", "via", "steps", "guidance", "wait_for_batch"}},
   };
   if (argc < 2 || std::string(argv[1]) == "--help") {
     std::cerr << kUsage;
@@ -154,7 +357,7 @@ int Main(int argc, char** argv) {
     command.flags.insert(common.begin(), common.end());
     std::vector<std::string> args(argv + 2, argv + argc);
     for (std::string& arg : args) {
-      if (arg == "--json") arg = "--json=true";  // a bare switch
+      if (arg == "--json" || arg == "--generate" || arg == "--wait_for_batch") arg += "=true";  // bare switches
     }
     auto flags = Flags::Parse(args, command.flags);
     if (!flags.ok()) {

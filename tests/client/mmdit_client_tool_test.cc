@@ -6,6 +6,7 @@
 #include <cstdio>
 
 #include "core/npy.h"
+#include "core/sampler.h"
 #include "nlohmann/json.hpp"
 #include "tests/server/server_test_util.h"
 
@@ -13,6 +14,8 @@ namespace mmdit {
 namespace {
 
 using ::mmdit::testing::GoldenDir;
+using ::mmdit::testing::MaxAbsDiff;
+using ::mmdit::testing::RandomTensor;
 using ::mmdit::testing::StartServer;
 using ::testing::HasSubstr;
 
@@ -89,6 +92,126 @@ TEST(MmditClientTool, BenchJsonLastLineHasExactlyThePromisedKeys) {
   EXPECT_EQ(report["throughput_samples_per_s"].get<double>(), 2 * report["throughput_rps"].get<double>());
   EXPECT_EQ(report.size(), 8u);
   EXPECT_TRUE(report["latency_ms"].contains("p99"));
+}
+
+// The last line of `output`, parsed as JSON.
+nlohmann::json LastLineJson(const std::string& output) {
+  const std::string trimmed = output.substr(0, output.find_last_not_of('\n') + 1);
+  return nlohmann::json::parse(trimmed.substr(trimmed.rfind('\n') + 1));
+}
+
+// Prompt files for sd3_tiny (batch 1) in a fresh directory, and the image core's reference
+// loop samples from them.
+struct GenerateFiles {
+  std::string dir = testing::MakeTempDir("client_generate");
+  Tensor txt = RandomTensor({1, 7, 40}, 21), pooled = RandomTensor({1, 24}, 22);
+  Tensor negative_txt = RandomTensor({1, 5, 40}, 23), negative_pooled = RandomTensor({1, 24}, 24);
+
+  GenerateFiles() {
+    EXPECT_TRUE(WriteNpy(dir + "/txt.npy", txt).ok());
+    EXPECT_TRUE(WriteNpy(dir + "/pooled.npy", pooled).ok());
+    EXPECT_TRUE(WriteNpy(dir + "/negative_txt.npy", negative_txt).ok());
+    EXPECT_TRUE(WriteNpy(dir + "/negative_pooled.npy", negative_pooled).ok());
+  }
+  std::string Flags() const {
+    return " --txt_embed " + dir + "/txt.npy --pooled_text " + dir + "/pooled.npy --negative_txt_embed " + dir +
+           "/negative_txt.npy --negative_pooled_text " + dir + "/negative_pooled.npy";
+  }
+  // [1, 4, 8, 8]: RunSampler from `noise` ([4, 8, 8]) on the default scheduler (as StartServer serves).
+  Tensor Reference(Tensor noise, int64_t steps, float guidance) const {
+    auto engine = Engine::Load(GoldenDir("sd3_tiny"));
+    EXPECT_TRUE(engine.ok()) << engine.status();
+    GenerationOptions options;
+    options.steps = steps;
+    options.guidance_scale = guidance;
+    auto sampler = FlowMatchSampler::Create(FlowMatchConfig{}, options, std::move(noise));
+    EXPECT_TRUE(sampler.ok()) << sampler.status();
+    const TextCondition positive{TensorView({7, 40}, txt.data.data()), TensorView({24}, pooled.data.data())};
+    const TextCondition negative{TensorView({5, 40}, negative_txt.data.data()),
+                                 TensorView({24}, negative_pooled.data.data())};
+    const absl::Status status = RunSampler(**engine, *sampler, positive, negative);
+    EXPECT_TRUE(status.ok()) << status;
+    return Tensor({1, 4, 8, 8}, sampler->latent().data);
+  }
+};
+
+TEST(MmditClientTool, GenerateWritesTheSampledLatentAndALineAStep) {
+  auto server = StartServer({}, "sd3_tiny");
+  const GenerateFiles files;
+  const Tensor noise = RandomTensor({1, 4, 8, 8}, 25);
+  ASSERT_TRUE(WriteNpy(files.dir + "/noise.npy", noise).ok());
+  const std::string out = files.dir + "/out.npy";
+  // No --latent: the noise gives the shape.
+  const ToolRun run = Client("generate " + Target(*server) + files.Flags() + " --initial_noise " + files.dir +
+                             "/noise.npy --steps 3 --guidance 4.5 --out " + out);
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("step 1/3 sigma "));
+  EXPECT_THAT(run.output, HasSubstr("step 3/3 sigma 0.0000 rows 2 batch "));
+  EXPECT_EQ(run.output.find('\r'), std::string::npos);  // stderr is a pipe: lines, not a bar
+  auto latent = ReadNpy(out);
+  ASSERT_TRUE(latent.ok()) << latent.status();
+  EXPECT_EQ(latent->shape, (Shape{1, 4, 8, 8}));
+  EXPECT_LE(MaxAbsDiff(*latent, files.Reference(Tensor({4, 8, 8}, noise.data), 3, 4.5f)), 1e-5);
+}
+
+TEST(MmditClientTool, GenerateFromASeedStartsFromItsGaussianNoise) {
+  auto server = StartServer({}, "sd3_tiny");
+  const GenerateFiles files;
+  const std::string out = files.dir + "/seeded.npy";
+  const ToolRun run = Client("generate " + Target(*server) + files.Flags() +
+                             " --latent 4,8,8 --seed 42 --steps 2 --guidance 3 --out " + out);
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  auto latent = ReadNpy(out);
+  ASSERT_TRUE(latent.ok()) << latent.status();
+  EXPECT_LE(MaxAbsDiff(*latent, files.Reference(GaussianNoise({4, 8, 8}, 42), 2, 3.0f)), 1e-5);
+}
+
+TEST(MmditClientTool, GenerateFailuresNameTheProblem) {
+  auto server = StartServer({}, "sd3_tiny");
+  const GenerateFiles files;
+  ToolRun run = Client("generate " + Target(*server) + files.Flags() + " --steps 2 --out /tmp/never.npy");
+  EXPECT_EQ(run.exit_code, 1);
+  EXPECT_THAT(run.output, HasSubstr("--latent"));
+  run = Client("generate " + Target(*server) + files.Flags() + " --latent 4,7,8 --steps 2 --out /tmp/never.npy");
+  EXPECT_EQ(run.exit_code, 1);
+  EXPECT_THAT(run.output, HasSubstr("INVALID_ARGUMENT: "));
+  run = Client("generate " + Target(*server) + " --txt_embed " + files.dir + "/txt.npy --pooled_text " + files.dir +
+               "/pooled.npy --latent 4,8,8 --steps 2 --out /tmp/never.npy");  // CFG by default, no negative
+  EXPECT_EQ(run.exit_code, 1);
+  EXPECT_THAT(run.output, HasSubstr("negative"));
+  run = Client("generate " + Target(*server) + files.Flags() + " --latent 4,8,8 --stps 2 --out /tmp/never.npy");
+  EXPECT_EQ(run.exit_code, 2);
+  EXPECT_THAT(run.output, HasSubstr("stps"));
+}
+
+TEST(MmditClientTool, BenchGenerateBothWaysCountsEveryImageWithCfgRows) {
+  auto server = StartServer({}, "sd3_tiny");
+  for (const std::string via : {"generate", "denoise"}) {
+    const ToolRun run = Client("bench --generate --via " + via + " " + Target(*server) +
+                               " --concurrency 2 --requests 5 --mix '2@4x8x8/7:3;1@4x4x12/5' --steps 2 --json");
+    ASSERT_EQ(run.exit_code, 0) << run.output;
+    EXPECT_THAT(run.output, HasSubstr("time to first step ms p50 "));
+    const nlohmann::json report = LastLineJson(run.output);
+    EXPECT_EQ(report["via"], via);
+    EXPECT_EQ(report["requests"], 5) << via;
+    EXPECT_TRUE(report["errors"].empty()) << report.dump();
+    EXPECT_GE(report["mean_batch_samples"].get<double>(), 2.0) << via;  // --guidance defaults to 7: CFG rows
+    EXPECT_GT(report["images_per_s"].get<double>(), 0);
+    EXPECT_TRUE(report["ttfs_ms"].contains("p99"));
+    EXPECT_TRUE(report["latency_ms"].contains("p99"));
+  }
+}
+
+TEST(MmditClientTool, BenchGenerateWithoutGuidanceRunsOneRowAStep) {
+  auto server = StartServer({}, "sd3_tiny");
+  const ToolRun run =
+      Client("bench --generate " + Target(*server) +
+             " --concurrency 1 --requests 2 --latent 4,8,8 --txt_tokens 7 --steps 2 --guidance 1 --json");
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  const nlohmann::json report = LastLineJson(run.output);
+  EXPECT_EQ(report["requests"], 2);
+  EXPECT_EQ(report["mean_batch_samples"].get<double>(), 1.0);
+  EXPECT_EQ(server->metrics().samples_computed(), 4u);  // 2 images x 2 steps x 1 row
 }
 
 }  // namespace
