@@ -127,7 +127,6 @@ class GenerateCall final : public StepWork {
 
   void set_reactor(grpc::ServerWriteReactor<v1::GenerateProgress>* reactor) { reactor_ = reactor; }
   void set_request(DecodedGenerate request) { request_ = std::move(request); }
-  const DecodedGenerate& request() const { return request_; }
 
   bool IsCancelled() const override { return cancelled_.load(std::memory_order_acquire); }
   void MarkCancelled() {
