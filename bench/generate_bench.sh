@@ -4,6 +4,9 @@
 # workload (not part of CI). For each model, mmdit-server on a free loopback port, then
 # `mmdit-client bench --generate` at 8 callers and at 1, the two ways side by side in alternating
 # rounds (the VM's speed drifts over minutes). Prints a Markdown table of medians over rounds.
+# A second table sets a lone caller's Generate of the mix's first shape against the engine's own
+# time for the same forward passes (`mmdit bench` at that shape, CFG rows as the batch, times the
+# step count), again in alternating rounds.
 #   bench/generate_bench.sh
 # The defaults (few steps, small latents) take about 5 minutes on 2 cores. Environment:
 #   MMDIT_BENCH_MODELS       where the random-weight models live (/tmp/mmdit-bench-models;
@@ -17,7 +20,8 @@
 #   GENBENCH_CONCURRENCY (8)  GENBENCH_REQUESTS (24: images per way per round at that concurrency)
 #   GENBENCH_REQUESTS_C1 (4: images per way per round at concurrency 1)
 #   GENBENCH_WAIT_FOR_BATCH  1: the Denoise calls ask to wait for company (--wait_for_batch)
-#   GENBENCH_SERVER_FLAGS    extra mmdit-server flags (e.g. "--dtype bf16")
+#   GENBENCH_DTYPE           compute dtype of the server and of the lone engine runs (f32)
+#   GENBENCH_SERVER_FLAGS    extra mmdit-server flags
 set -euo pipefail
 cd "$(dirname "$0")/.."
 models="${MMDIT_BENCH_MODELS:-/tmp/mmdit-bench-models}"
@@ -31,6 +35,7 @@ requests="${GENBENCH_REQUESTS:-24}"
 requests_c1="${GENBENCH_REQUESTS_C1:-4}"
 denoise_flags=()
 [ "${GENBENCH_WAIT_FOR_BATCH:-0}" = 1 ] && denoise_flags=(--wait_for_batch)
+dtype="${GENBENCH_DTYPE:-f32}"
 read -r -a server_flags <<< "${GENBENCH_SERVER_FLAGS:-}"
 bin=./build/bin
 [ -x "$bin/mmdit-server" ] && [ -x "$bin/mmdit-client" ] || ./scripts/build.sh
@@ -41,16 +46,17 @@ init() {  # init NAME ARGS...
 }
 
 results=$(mktemp)
+lone_results=$(mktemp)
 log=$(mktemp)
 server=
-trap '[ -n "$server" ] && kill "$server" 2>/dev/null; rm -f "$results" "$log"' EXIT
+trap '[ -n "$server" ] && kill "$server" 2>/dev/null; rm -f "$results" "$lone_results" "$log"' EXIT
 
 # serve MODEL_DIR WARMUP: starts mmdit-server on a free port, sets $server and $port.
 serve() {
   # Passes of up to 2 rows per caller, so that every caller's step can share one pass.
   "$bin/mmdit-server" --model "$1" --host 127.0.0.1 --port 0 --metrics_port -1 \
     --max_batch_samples $((2 * callers)) --max_running_generations "$callers" --warmup "$2" \
-    "${server_flags[@]}" >"$log" 2>&1 &
+    --dtype "$dtype" "${server_flags[@]}" >"$log" 2>&1 &
   server=$!
   until grep -q "SERVING:" "$log"; do sleep 0.2; kill -0 "$server" || { cat "$log"; exit 1; }; done
   port=$(grep -o 'listening on [^ ]*' "$log" | grep -o '[0-9]*$')
@@ -84,9 +90,29 @@ run_model() {  # run_model LABEL MODEL_DIR MIX WARMUP
       for via in $order; do bench "$label" "$via" "$concurrency" "$n" "$mix"; done
     done
   done
+  lone "$label" "$dir" "${mix%%;*}"
   kill "$server"
   wait "$server" 2>/dev/null || true
   server=
+}
+
+# lone LABEL MODEL_DIR MIX_ENTRY: a lone caller's Generate of one shape against the engine alone.
+lone() {
+  local label=$1 dir=$2 entry=${3#*@} shape tokens entry_steps=$steps rows=1 generated alone
+  [[ $entry == *:* ]] && { entry_steps=${entry##*:}; entry=${entry%%:*}; }
+  shape=${entry%%/*}
+  tokens=${entry#*/}
+  local shape_flags=(--img_tokens "$shape")
+  [[ $shape == *x* ]] && shape_flags=(--latent "${shape//x/,}")
+  python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) > 1 else 1)" "$guidance" && rows=2
+  for round in $(seq "$rounds"); do
+    generated=$("$bin/mmdit-client" bench --generate --target "127.0.0.1:$port" --concurrency 1 \
+      --requests "$requests_c1" --mix "1@$entry" --steps "$entry_steps" --guidance "$guidance" --json | tail -n 1)
+    alone=$("$bin/mmdit" bench --model "$dir" --batch "$rows" "${shape_flags[@]}" --txt_tokens "$tokens" \
+      --iters $((requests_c1 * entry_steps)) --warmup 2 --dtype "$dtype")
+    printf '%s\t%s\t%s\t%s\n' "$label" "1@$entry" "$entry_steps" "$generated"$'\t'"$alone" >> "$lone_results"
+    echo "  $label lone Generate: $generated; engine: $alone" >&2
+  done
 }
 
 for model in $which_models; do
@@ -129,4 +155,24 @@ for (model, concurrency), ways in runs.items():
           f"| {pair(lambda r: r['ttfs_ms']['p50'], '.0f')} | {pair(lambda r: r['latency_ms']['p50'], '.0f')} "
           f"| {pair(lambda r: r['latency_ms']['p99'], '.0f')} | {pair(lambda r: r['mean_batch_samples'], '.2f')} "
           f"| {errors(g)} / {errors(d)} |")
+PY
+
+echo
+echo "A lone caller: Generate's end-to-end time per image against the engine's own time for its passes" \
+  "(mean pass time at that batch x steps), medians of $rounds rounds."
+python3 - "$lone_results" <<'PY'
+import json, statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    model, shape, steps, generated, alone = line.rstrip("\n").split("\t")
+    runs.setdefault((model, shape, int(steps)), []).append((json.loads(generated), json.loads(alone)))
+print("| model | shape | steps | rows per pass | Generate ms per image | engine ms for its passes | engine / Generate |")
+print("| --- | --- | --- | --- | --- | --- | --- |")
+for (model, shape, steps), pairs in runs.items():
+    med = statistics.median
+    generate_ms = [1000 / g["images_per_s"] for g, _ in pairs]
+    engine_ms = [a["mean_ms"] * steps for _, a in pairs]
+    ratio = med(e / g for e, g in zip(engine_ms, generate_ms))
+    print(f"| {model} | {shape} | {steps} | {pairs[0][1]['batch']} | {med(generate_ms):.0f} | {med(engine_ms):.0f} "
+          f"| {ratio:.3f} |")
 PY

@@ -112,10 +112,11 @@ TEST(MmditTool, InitInspectAndBenchASmallPreset) {
               " --batch 2 --latent 16,8,12 --txt_tokens 5 --iters 2 --warmup 1 --threads 1 --dtype bf16");
   ASSERT_EQ(run.exit_code, 0) << run.output;
   const auto bench = nlohmann::json::parse(run.output);
-  for (const char* key : {"median_ms", "p10_ms", "p90_ms", "gflop_per_forward", "gflops"}) {
+  for (const char* key : {"median_ms", "mean_ms", "p10_ms", "p90_ms", "gflop_per_forward", "gflops"}) {
     EXPECT_TRUE(bench.contains(key)) << key;
   }
   EXPECT_GT(bench["gflop_per_forward"].get<double>(), 0);
+  EXPECT_GT(bench["mean_ms"].get<double>(), 0);
   EXPECT_EQ(bench["dtype"], "bf16");
   EXPECT_FALSE(bench.contains("throughput_over_baseline"));
 
