@@ -27,6 +27,8 @@ RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends \
       libspdlog1.10 \
       libfmt9 \
       libabsl20220623 \
+      libcpp-httplib0.11 \
+      libbrotli1 \
       ocl-icd-libopencl1 \
       libstdc++6 \
       libgcc-s1 \

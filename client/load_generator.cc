@@ -82,6 +82,7 @@ class LoadState {
     report.wall_s = std::chrono::duration<double>(Clock::now() - start_).count();
     report.requests = answered_;
     report.errors = errors_;
+    report.first_errors = first_errors_;
     report.throughput_rps = ok_ / report.wall_s;
     report.throughput_samples_per_s = ok_samples_ / report.wall_s;
     std::sort(latencies_ms_.begin(), latencies_ms_.end());
@@ -110,7 +111,9 @@ class LoadState {
     std::lock_guard<std::mutex> lock(mutex_);
     ++answered_;
     if (!status.ok()) {
-      ++errors_[absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code()))];
+      const std::string code = absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code()));
+      ++errors_[code];
+      first_errors_.emplace(code, status.error_message());  // keeps the first
       return;
     }
     ++ok_;
@@ -139,6 +142,7 @@ class LoadState {
   double batch_samples_sum_ = 0, queue_us_sum_ = 0, compute_us_sum_ = 0;       // guarded by mutex_
   std::vector<double> latencies_ms_;                                           // guarded by mutex_
   std::map<std::string, int64_t> errors_;                                      // guarded by mutex_
+  std::map<std::string, std::string> first_errors_;                            // guarded by mutex_
 };
 
 // Closed loop: each completion starts the next call while the budget lasts.
@@ -483,7 +487,9 @@ class GenerateLoad {
     std::lock_guard<std::mutex> lock(mutex_);
     ++answered_;
     if (!result.ok()) {
-      ++errors_[absl::StatusCodeToString(result.status().code())];
+      const std::string code = absl::StatusCodeToString(result.status().code());
+      ++errors_[code];
+      first_errors_.emplace(code, result.status().message());  // keeps the first
       return;
     }
     ++ok_;
@@ -502,6 +508,7 @@ class GenerateLoad {
     report.wall_s = std::chrono::duration<double>(Clock::now() - start_).count();
     report.requests = answered_;
     report.errors = errors_;
+    report.first_errors = first_errors_;
     report.images_per_s = ok_ / report.wall_s;
     report.steps_per_s = steps_ / report.wall_s;
     std::sort(latencies_ms_.begin(), latencies_ms_.end());
@@ -533,6 +540,7 @@ class GenerateLoad {
   double batch_samples_sum_ = 0, queue_us_sum_ = 0, compute_us_sum_ = 0;  // guarded by mutex_
   std::vector<double> latencies_ms_, ttfs_ms_;                            // guarded by mutex_
   std::map<std::string, int64_t> errors_;                                 // guarded by mutex_
+  std::map<std::string, std::string> first_errors_;                       // guarded by mutex_
 };
 
 const char* ViaName(GenerateVia via) { return via == GenerateVia::kGenerate ? "generate" : "denoise"; }

@@ -47,6 +47,7 @@ struct LoadOptions {
 struct LoadReport {
   int64_t requests = 0;                   // answered, successfully or not
   std::map<std::string, int64_t> errors;  // gRPC code name -> count
+  std::map<std::string, std::string> first_errors;  // gRPC code name -> the first such call's message
   double throughput_rps = 0, throughput_samples_per_s = 0;
   double p50_ms = 0, p90_ms = 0, p95_ms = 0, p99_ms = 0;  // over successful calls
   double mean_batch_samples = 0, server_queue_us_mean = 0, server_compute_us_mean = 0;
@@ -96,6 +97,7 @@ struct GenerateLoadReport {
   GenerateVia via = GenerateVia::kGenerate;
   int64_t requests = 0;                   // answered, successfully or not
   std::map<std::string, int64_t> errors;  // status code name -> count
+  std::map<std::string, std::string> first_errors;  // status code name -> the first such call's message
   double images_per_s = 0, steps_per_s = 0;
   // Over successful generations: time to the first step's answer, and to the final latent.
   double ttfs_p50_ms = 0, ttfs_p90_ms = 0, ttfs_p99_ms = 0;

@@ -243,6 +243,20 @@ std::string ErrorCounts(const std::map<std::string, int64_t>& errors) {
   return text.empty() ? " none" : text;
 }
 
+// After a bench: the first message of each error code on stderr, and an error (exit 1) when
+// any request failed, so that a script cannot mistake a run of failures for a measurement.
+absl::Status BenchOutcome(int64_t requests, const std::map<std::string, int64_t>& errors,
+                          const std::map<std::string, std::string>& first_errors) {
+  int64_t failed = 0;
+  for (const auto& [code, count] : errors) {
+    failed += count;
+    const auto first = first_errors.find(code);
+    std::cerr << "first " << code << ": " << (first == first_errors.end() ? "" : first->second) << "\n";
+  }
+  if (failed == 0) return absl::OkStatus();
+  return absl::AbortedError(absl::StrCat(failed, " of ", requests, " requests failed (first errors above)"));
+}
+
 absl::Status BenchGenerate(const Flags& flags, DenoiserClient& client, const v1::GetModelInfoResponse& info) {
   GenerateLoadOptions options;
   ASSIGN_OR_RETURN(options.concurrency, flags.Int("concurrency", 0));
@@ -275,7 +289,7 @@ absl::Status BenchGenerate(const Flags& flags, DenoiserClient& client, const v1:
       report.mean_batch_samples, report.server_queue_us_mean, report.server_compute_us_mean);
   ASSIGN_OR_RETURN(bool json, flags.Bool("json", false));
   if (json) std::cout << report.ToJson().dump() << "\n";
-  return absl::OkStatus();
+  return BenchOutcome(report.requests, report.errors, report.first_errors);
 }
 
 absl::Status Bench(const Flags& flags) {
@@ -308,7 +322,7 @@ absl::Status Bench(const Flags& flags) {
             << " us, compute " << report.server_compute_us_mean << " us (means)\n";
   ASSIGN_OR_RETURN(bool json, flags.Bool("json", false));
   if (json) std::cout << report.ToJson().dump() << "\n";
-  return absl::OkStatus();
+  return BenchOutcome(report.requests, report.errors, report.first_errors);
 }
 
 int Main(int argc, char** argv) {

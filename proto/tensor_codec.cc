@@ -69,6 +69,20 @@ void EncodeTensor(const TensorView& tensor, v1::DType dtype, v1::Tensor* wire) {
   ConvertFromFloat(storage, tensor.data, tensor.NumElements(), data->data());
 }
 
+std::optional<int64_t> FirstUnencodable(const TensorView& values, v1::DType dtype) {
+  const DType storage = StorageDType(dtype).value_or(DType::kF32);
+  const int64_t count = values.NumElements();
+  for (int64_t i = 0; i < count; ++i) {
+    const float value = values.data[i];
+    // The same conversions as ConvertFromFloat, so that "encodes finite" is exactly what is sent.
+    const float encoded = storage == DType::kF16    ? HalfToFloat(FloatToHalf(value))
+                          : storage == DType::kBF16 ? BFloat16ToFloat(FloatToBFloat16(value))
+                                                    : value;
+    if (!std::isfinite(encoded)) return i;
+  }
+  return std::nullopt;
+}
+
 void EncodePrediction(const std::vector<Tensor>& outputs, v1::DType dtype, v1::Tensor* prediction) {
   const DType storage = StorageDType(dtype).value_or(DType::kF32);
   prediction->set_dtype(StorageDType(dtype) ? dtype : v1::FP32);

@@ -2,6 +2,7 @@
 // the server and the client.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -17,6 +18,10 @@ absl::StatusOr<Tensor> DecodeTensor(const v1::Tensor& wire, const std::string& f
 
 // Encodes `tensor` as `dtype` (FP32 for anything else).
 void EncodeTensor(const TensorView& tensor, v1::DType dtype, v1::Tensor* wire);
+
+// The index of the first element of `values` that is not finite once encoded as `dtype`
+// (NaN, Inf, or beyond FP16's or BF16's range); nullopt when every one is.
+std::optional<int64_t> FirstUnencodable(const TensorView& values, v1::DType dtype);
 
 // Stacks same-shaped per-sample tensors into one [B, ...] wire tensor of `dtype`.
 void EncodePrediction(const std::vector<Tensor>& outputs, v1::DType dtype, v1::Tensor* prediction);

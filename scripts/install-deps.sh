@@ -9,6 +9,7 @@ packages=(
   ocl-icd-opencl-dev opencl-headers  # required by Debian's dnnl CMake config (GPU runtime: OpenCL)
   libabsl-dev            # absl::Status / StatusOr, flags, strings
   nlohmann-json3-dev     # config.json, safetensors headers
+  libcpp-httplib-dev     # the metrics and probe HTTP port
   libspdlog-dev          # logging
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc  # the service
   openssl                # tests generate TLS certificates

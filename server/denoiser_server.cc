@@ -60,6 +60,10 @@ class DenoiseCall final : public StepWork {
       Finish(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client"));
       return true;
     }
+    if (absl::Status finite = CheckAnswer(outputs, request.output_dtype, NamedInputs(), "prediction"); !finite.ok()) {
+      Finish(ToGrpc(finite));
+      return true;
+    }
     EncodePrediction(outputs, request.output_dtype, response->mutable_prediction());
     response->set_request_id(request_id);
     response->set_queue_us(pass.start_us - arrival_us);
@@ -84,6 +88,19 @@ class DenoiseCall final : public StepWork {
       spdlog::debug("request '{}': {} {}", request_id, static_cast<int>(status.error_code()), status.error_message());
     }
     reactor_->Finish(status);
+  }
+
+  // Each sample's inputs by field name, for CheckAnswer.
+  std::vector<std::vector<NamedInput>> NamedInputs() const {
+    std::vector<std::vector<NamedInput>> inputs;
+    for (size_t b = 0; b < request.samples.size(); ++b) {
+      const SampleInput& sample = request.samples[b];
+      inputs.push_back({{"img_latent", sample.img_latent},
+                        {"txt_embed", sample.txt_embed},
+                        {"timestep", TensorView({1}, &request.timestep.data[b])},
+                        {"pooled_text", sample.pooled_text}});
+    }
+    return inputs;
   }
 
   DecodedRequest request;
@@ -145,6 +162,20 @@ class GenerateCall final : public StepWork {
       Fail(grpc::StatusCode::INTERNAL, absl::StrCat("sampler step failed: ", status.message()));
       return true;
     }
+    // Checked every step, so that an overflow ends the generation when it happens; the final
+    // latent and previews are checked again in the dtype they are sent in.
+    const std::vector<std::vector<NamedInput>> inputs = {{{"txt_embed", request_.txt_embed},
+                                                          {"pooled_text", request_.pooled_text},
+                                                          {"negative_txt_embed", request_.negative_txt_embed},
+                                                          {"negative_pooled_text", request_.negative_pooled_text}}};
+    const bool done = sampler.done();
+    const bool preview = request_.preview_every > 0 && sampler.steps_taken() % request_.preview_every == 0;
+    if (absl::Status finite = CheckAnswer(absl::MakeConstSpan(&sampler.latent(), 1), done || preview ? request_.output_dtype : v1::FP32,
+                                          inputs, "latent");
+        !finite.ok()) {
+      Fail(grpc::StatusCode::INVALID_ARGUMENT, finite.message());
+      return true;
+    }
     const int64_t step_queue_us = pass.start_us - last_event_us_;
     queue_us_ += step_queue_us;
     compute_us_ += pass.end_us - pass.start_us;
@@ -161,8 +192,6 @@ class GenerateCall final : public StepWork {
     progress.set_batch_samples(pass.rows);
     progress.set_rows(static_cast<int32_t>(outputs.size()));
     progress.set_request_id(request_id_);
-    const bool done = sampler.done();
-    const bool preview = request_.preview_every > 0 && sampler.steps_taken() % request_.preview_every == 0;
     if (done || preview) EncodePrediction({sampler.latent()}, request_.output_dtype, progress.mutable_latent());
     progress.set_done(done);
     Send(std::move(progress));
@@ -441,7 +470,7 @@ class DenoiserServer::Service final : public v1::Denoiser::CallbackService {
     for (v1::DType dtype : {v1::FP32, v1::FP16, v1::BF16}) limits->add_dtypes(dtype);
     limits->add_forms("image");
     if (!c.has_positions()) limits->add_forms("token");
-    limits->set_max_receive_message_bytes(o.max_receive_message_mb << 20);
+    limits->set_max_receive_message_bytes(server_.MaxMessageBytes());  // as enforced, not as asked
     limits->set_max_running_generations(o.scheduler.max_running_generations);
     limits->set_max_steps(o.limits.max_steps);
     limits->set_max_queue_size(o.scheduler.max_queue_size);
@@ -482,9 +511,8 @@ absl::StatusOr<std::unique_ptr<DenoiserServer>> DenoiserServer::Start(const Serv
   const std::string address = absl::StrCat(options.host.find(':') != std::string::npos ? "[" : "", options.host,
                                            options.host.find(':') != std::string::npos ? "]" : "", ":", options.port);
   builder.AddListeningPort(address, credentials, &server->port_);
-  builder.SetMaxReceiveMessageSize(
-      static_cast<int>(std::min<int64_t>(options.max_receive_message_mb << 20, INT32_MAX)));
-  builder.SetMaxSendMessageSize(static_cast<int>(std::min<int64_t>(options.max_receive_message_mb << 20, INT32_MAX)));
+  builder.SetMaxReceiveMessageSize(static_cast<int>(server->MaxMessageBytes()));
+  builder.SetMaxSendMessageSize(static_cast<int>(server->MaxMessageBytes()));
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, static_cast<int>(options.keepalive_time_s * 1000));
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10'000);
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10'000);
@@ -502,8 +530,10 @@ absl::StatusOr<std::unique_ptr<DenoiserServer>> DenoiserServer::Start(const Serv
   }
   if (options.metrics_port >= 0) {
     DenoiserServer* self = server.get();
-    ASSIGN_OR_RETURN(server->metrics_http_, MetricsHttpServer::Start(options.host, options.metrics_port,
-                                                                     [self] { return self->RenderMetrics(); }));
+    ASSIGN_OR_RETURN(server->metrics_http_,
+                     HttpEndpoints::Start(options.host, options.metrics_port,
+                                          {.render_metrics = [self] { return self->RenderMetrics(); },
+                                           .ready = [self] { return self->health_.serving(); }}));
   }
   return server;
 }
@@ -601,8 +631,14 @@ void DenoiserServer::BeginDrain() {
 
 void DenoiserServer::Shutdown() {
   if (shut_down_.load() || server_ == nullptr) return;
+  using std::chrono::milliseconds;
   BeginDrain();
-  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(options_.drain_timeout_s);
+  // All of it within --drain_timeout_s: running work may use it less a margin (a tenth, at most
+  // 200 ms) in which the last answers are sent. Those get at least 100 ms, so that even
+  // --drain_timeout_s 0 answers UNAVAILABLE rather than cutting the calls off.
+  const auto drain_timeout = std::chrono::duration_cast<milliseconds>(std::chrono::seconds(options_.drain_timeout_s));
+  const auto end = std::chrono::steady_clock::now() + drain_timeout;
+  const auto give_up = end - std::min(milliseconds(200), drain_timeout / 10);
   while (step_thread_.joinable() && !step_loop_done_.load() && std::chrono::steady_clock::now() < give_up) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
@@ -612,7 +648,10 @@ void DenoiserServer::Shutdown() {
   }
   shut_down_.store(true);
   scheduler_.Notify();
-  server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  health_.Shutdown();  // Watch streams end now, instead of holding the server's shutdown open
+  const auto left = std::max(milliseconds(100), std::chrono::duration_cast<milliseconds>(
+                                                    end - std::chrono::steady_clock::now()));
+  server_->Shutdown(std::chrono::system_clock::now() + left);
   if (step_thread_.joinable()) step_thread_.join();
   server_->Wait();
   metrics_http_.reset();

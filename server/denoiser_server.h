@@ -8,6 +8,7 @@
 // a generation's message naming the step it reached).
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <memory>
 #include <string>
@@ -18,6 +19,7 @@
 #include "core/engine.h"
 #include "core/sampler.h"
 #include "server/health_service.h"
+#include "server/http_endpoints.h"
 #include "server/metrics.h"
 #include "server/request_codec.h"
 #include "server/step_scheduler.h"
@@ -81,6 +83,8 @@ class DenoiserServer {
   void Shutdown();
 
   int port() const { return port_; }
+  // The largest message taken or sent: --max_receive_message_mb, capped at gRPC's int limit.
+  int64_t MaxMessageBytes() const { return std::min<int64_t>(options_.max_receive_message_mb << 20, INT32_MAX); }
   int64_t queue_size() const { return scheduler_.queue_size(); }
   int64_t running_generations() const { return scheduler_.running_generations(); }
   int metrics_port() const { return metrics_http_ ? metrics_http_->port() : -1; }
@@ -104,7 +108,7 @@ class DenoiserServer {
   HealthService health_;              // outlives server_
   std::unique_ptr<Service> service_;  // outlives server_
   std::unique_ptr<grpc::Server> server_;
-  std::unique_ptr<MetricsHttpServer> metrics_http_;
+  std::unique_ptr<HttpEndpoints> metrics_http_;
   int port_ = 0;
   std::thread step_thread_;
   std::atomic<bool> step_loop_done_{false};

@@ -16,7 +16,8 @@ HealthCheckResponse::ServingStatus StatusOf(bool serving) {
 }  // namespace
 
 // One Watch stream: writes the status now and after every change, one write in flight at a
-// time; ends when the client cancels or the server shuts down.
+// time; ends when the client cancels, or with OK after its last NOT_SERVING once the service
+// shuts down (so that the gRPC server's shutdown need not wait for, or cut, open watches).
 class HealthService::Watcher final : public grpc::ServerWriteReactor<HealthCheckResponse> {
  public:
   Watcher(HealthService* service, bool known) : service_(service), known_(known) {}
@@ -28,13 +29,24 @@ class HealthService::Watcher final : public grpc::ServerWriteReactor<HealthCheck
     WriteIfIdleLocked();
   }
 
+  // Called with the service's mutex held: ends the stream once its last status is written.
+  void Close() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      closing_ = true;
+      if (writing_ || pending_) return;  // OnWriteDone finishes it
+    }
+    FinishOnce(grpc::Status::OK);
+  }
+
   void OnWriteDone(bool ok) override {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       writing_ = false;
-      if (ok) return WriteIfIdleLocked();
+      if (ok && pending_) return WriteIfIdleLocked();
+      if (ok && !closing_) return;
     }
-    FinishOnce(grpc::Status::CANCELLED);
+    FinishOnce(ok ? grpc::Status::OK : grpc::Status::CANCELLED);
   }
   void OnCancel() override { FinishOnce(grpc::Status::CANCELLED); }
   void OnDone() override {
@@ -65,13 +77,24 @@ class HealthService::Watcher final : public grpc::ServerWriteReactor<HealthCheck
   std::mutex mutex_;
   HealthCheckResponse response_;  // guarded by mutex_; alive while a write is in flight
   std::optional<HealthCheckResponse::ServingStatus> pending_;
-  bool writing_ = false, finished_ = false;
+  bool writing_ = false, finished_ = false, closing_ = false;
 };
 
 void HealthService::SetServing(bool serving) {
   std::lock_guard<std::mutex> lock(mutex_);
+  if (shut_down_) return;
   serving_ = serving;
   for (Watcher* watcher : watchers_) watcher->Update(serving);
+}
+
+void HealthService::Shutdown() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  shut_down_ = true;
+  serving_ = false;
+  for (Watcher* watcher : watchers_) {
+    watcher->Update(false);
+    watcher->Close();
+  }
 }
 
 bool HealthService::serving() const {
@@ -98,6 +121,7 @@ grpc::ServerWriteReactor<HealthCheckResponse>* HealthService::Watch(
   std::lock_guard<std::mutex> lock(mutex_);
   watchers_.insert(watcher);
   watcher->Update(serving_);
+  if (shut_down_) watcher->Close();  // one NOT_SERVING, then the end of the stream
   return watcher;
 }
 

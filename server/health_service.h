@@ -13,10 +13,13 @@
 
 namespace mmdit {
 
-// Must outlive the grpc::Server it is registered with (Watch streams end at its Shutdown).
+// Must outlive the grpc::Server it is registered with.
 class HealthService final : public grpc::health::v1::Health::CallbackService {
  public:
   void SetServing(bool serving);
+  // NOT_SERVING from here on (SetServing no longer changes it); every Watch stream, open or
+  // opened later, is sent NOT_SERVING and then finished with OK.
+  void Shutdown();
   bool serving() const;
 
   grpc::ServerUnaryReactor* Check(grpc::CallbackServerContext* context,
@@ -33,6 +36,7 @@ class HealthService final : public grpc::health::v1::Health::CallbackService {
 
   mutable std::mutex mutex_;
   bool serving_ = false;         // guarded by mutex_
+  bool shut_down_ = false;       // guarded by mutex_
   std::set<Watcher*> watchers_;  // guarded by mutex_
 };
 

@@ -22,51 +22,48 @@ namespace {
 
 constexpr char kDefaultModelDir[] = "models/seed-default";
 
-constexpr char kUsage[] = R"(usage: mmdit-server [--flag value ...]   (or MMDIT_<FLAG>=value in the environment)
-  --model DIR                 model directory (default models/seed-default: created with RANDOM weights if absent)
-  --host 0.0.0.0 --port 50051 (0: any free port, logged)   --metrics_port 9090 (0: any, -1: off)
-  --threads N                 engine threads (default: all cores)
-  --dtype f32|bf16            compute dtype of the matrix products (bf16: weights and activations
-                              into the products in bf16, float32 accumulation; needs AVX-512)
-  --max_batch_samples 8 --max_batch_tokens 0 (0: no limit): rows and tokens of one forward pass
-  --max_queue_delay_us 2000   how long a wait_for_batch Denoise may wait for company when the engine is idle
-  --max_queue_size 256        queued Denoise and Generate calls; beyond it RESOURCE_EXHAUSTED
-  --max_running_generations 8 (Generate calls sharing each step; more wait in the queue) --max_steps 1000
-  --max_samples_per_request 8 --max_text_tokens 512 --max_latent_height 0 --max_latent_width 0 (0: the position
-                              table's size) --max_image_tokens 16384
-  --warmup SHAPES             e.g. 1x16x64x64/77,8x64/32 (BxCxHxW/T or BxN/T); default one sample of the
-                              model's nominal size
-  --max_receive_message_mb 64 --keepalive_time_s 30 --max_connection_age_s 300 --drain_timeout_s 30
-  --tls_cert FILE --tls_key FILE [--tls_client_ca FILE]   TLS, and mutual TLS with a client CA
-  --log_level info            trace, debug, info, warn, error
-)";
+// Every flag of the server: the parser, `--help` and the environment names come from here.
+constexpr FlagSpec kFlagSpecs[] = {
+    {"model", "DIR",
+     "model directory: config.json and safetensors (default models/seed-default, created with RANDOM weights "
+     "if absent)"},
+    {"host", "0.0.0.0", "address to listen on"},
+    {"port", "50051", "gRPC port (0: any free port, logged)"},
+    {"metrics_port", "9090", "HTTP port for /metrics, /healthz and /readyz (0: any free port, -1: off)"},
+    {"threads", "N", "engine threads (default: all cores)"},
+    {"dtype", "f32",
+     "compute dtype of the matrix products: f32, or bf16 (weights and activations into the products in bf16, "
+     "float32 accumulation; needs AVX-512)"},
+    {"max_batch_samples", "8", "rows of one forward pass"},
+    {"max_batch_tokens", "0", "image plus text tokens of one forward pass (0: no limit)"},
+    {"max_queue_delay_us", "2000", "how long a wait_for_batch Denoise may wait for company while the engine is idle"},
+    {"max_queue_size", "256", "queued Denoise and Generate calls; beyond it RESOURCE_EXHAUSTED"},
+    {"max_running_generations", "8", "Generate calls sharing each step; more wait in the queue"},
+    {"max_steps", "1000", "steps of one Generate"},
+    {"max_samples_per_request", "8", "samples of one Denoise"},
+    {"max_text_tokens", "512", "text tokens of one sample"},
+    {"max_latent_height", "0", "latent pixels (0: the position table's size)"},
+    {"max_latent_width", "0", "latent pixels (0: the position table's size)"},
+    {"max_image_tokens", "16384", "image tokens of one sample, after patching"},
+    {"warmup", "SHAPES",
+     "forward passes before SERVING, e.g. 1x16x64x64/77,8x64/32 (BxCxHxW/T or BxN/T; default one sample of the "
+     "model's nominal size)"},
+    {"max_receive_message_mb", "64", "largest request (and response) message; gRPC caps it at 2 GiB - 1 byte, and GetModelInfo reports the cap"},
+    {"keepalive_time_s", "30", "HTTP/2 keepalive ping interval"},
+    {"max_connection_age_s", "300", "connections are closed gracefully after this age (0: never)"},
+    {"drain_timeout_s", "30",
+     "on SIGTERM, how long running work may take to finish; the process exits within this time"},
+    {"tls_cert", "FILE", "TLS certificate chain (PEM); with --tls_key"},
+    {"tls_key", "FILE", "TLS private key (PEM)"},
+    {"tls_client_ca", "FILE", "require client certificates signed by this CA (mutual TLS)"},
+    {"log_level", "info", "trace, debug, info, warn, error"},
+};
 
-const std::set<std::string> kFlags = {"model",
-                                      "host",
-                                      "port",
-                                      "metrics_port",
-                                      "threads",
-                                      "max_batch_samples",
-                                      "max_batch_tokens",
-                                      "max_queue_delay_us",
-                                      "max_queue_size",
-                                      "max_samples_per_request",
-                                      "max_text_tokens",
-                                      "max_latent_height",
-                                      "max_latent_width",
-                                      "max_image_tokens",
-                                      "max_steps",
-                                      "max_running_generations",
-                                      "dtype",
-                                      "warmup",
-                                      "max_receive_message_mb",
-                                      "keepalive_time_s",
-                                      "max_connection_age_s",
-                                      "drain_timeout_s",
-                                      "tls_cert",
-                                      "tls_key",
-                                      "tls_client_ca",
-                                      "log_level"};
+std::string Usage() {
+  return absl::StrCat("usage: mmdit-server [--flag value ...]   (each flag also as MMDIT_<FLAG>=value in the "
+                      "environment; the command line wins)\n",
+                      FlagUsage(kFlagSpecs, "MMDIT_"));
+}
 
 absl::Status ReadOptions(const Flags& flags, ServerOptions& o) {
   o.host = flags.String("host", o.host);
@@ -193,12 +190,12 @@ absl::Status Run(const Flags& flags) {
 int main(int argc, char** argv) {
   const std::vector<std::string> args(argv + 1, argv + argc);
   if (!args.empty() && (args[0] == "--help" || args[0] == "-h")) {
-    std::cout << mmdit::kUsage;
+    std::cout << mmdit::Usage();
     return 0;
   }
-  auto flags = mmdit::Flags::Parse(args, mmdit::kFlags, "MMDIT_", environ);
+  auto flags = mmdit::Flags::Parse(args, mmdit::FlagNames(mmdit::kFlagSpecs), "MMDIT_", environ);
   if (!flags.ok()) {
-    std::cerr << "mmdit-server: " << flags.status().message() << "\n" << mmdit::kUsage;
+    std::cerr << "mmdit-server: " << flags.status().message() << "\n" << mmdit::Usage();
     return 2;
   }
   const absl::Status status = mmdit::Run(*flags);

@@ -1,15 +1,7 @@
 #include "server/metrics.h"
 
-#include <arpa/inet.h>
-#include <netdb.h>
-#include <poll.h>
-#include <sys/eventfd.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <chrono>
-#include <cstring>
+#include <charconv>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -21,6 +13,15 @@ std::vector<double> Exponential(double first, double factor, int count) {
   std::vector<double> bounds;
   for (double b = first; count-- > 0; b *= factor) bounds.push_back(b);
   return bounds;
+}
+
+// The shortest decimal text that reads back as exactly `value`, without an exponent
+// (absl::StrCat keeps 6 significant digits, which would print a sum of 1014560.25 as
+// 1.01456e+06).
+std::string Exact(double value) {
+  char text[512];  // enough for any double in fixed notation
+  const auto [end, error] = std::to_chars(text, text + sizeof(text), value, std::chars_format::fixed);
+  return std::string(text, end);
 }
 
 void Header(std::string& out, const std::string& name, const char* type, const char* help) {
@@ -44,10 +45,10 @@ void Histogram::Render(const std::string& name, std::string& out) const {
   uint64_t cumulative = 0;
   for (size_t i = 0; i < upper_bounds_.size(); ++i) {
     cumulative += counts_[i];
-    absl::StrAppend(&out, name, "_bucket{le=\"", upper_bounds_[i], "\"} ", cumulative, "\n");
+    absl::StrAppend(&out, name, "_bucket{le=\"", Exact(upper_bounds_[i]), "\"} ", cumulative, "\n");
   }
   cumulative += counts_.back();
-  absl::StrAppend(&out, name, "_bucket{le=\"+Inf\"} ", cumulative, "\n", name, "_sum ", sum_, "\n", name, "_count ",
+  absl::StrAppend(&out, name, "_bucket{le=\"+Inf\"} ", cumulative, "\n", name, "_sum ", Exact(sum_), "\n", name, "_count ",
                   cumulative, "\n");
 }
 
@@ -121,13 +122,13 @@ std::string ServerMetrics::Render(double now_s) const {
     steps_per_second = Rate(recent_steps_, now_s);
   }
   Header(out, "mmdit_samples_per_second", "gauge", "Rows computed per second over the last 10 seconds.");
-  absl::StrAppend(&out, "mmdit_samples_per_second ", samples_per_second, "\n");
+  absl::StrAppend(&out, "mmdit_samples_per_second ", Exact(samples_per_second), "\n");
   Header(out, "mmdit_generations_running", "gauge", "Generations admitted and not yet finished.");
   absl::StrAppend(&out, "mmdit_generations_running ", running_generations_(), "\n");
   Header(out, "mmdit_generation_steps_total", "counter", "Generation steps computed.");
   absl::StrAppend(&out, "mmdit_generation_steps_total ", generation_steps_total_.load(), "\n");
   Header(out, "mmdit_generation_steps_per_second", "gauge", "Generation steps per second over the last 10 seconds.");
-  absl::StrAppend(&out, "mmdit_generation_steps_per_second ", steps_per_second, "\n");
+  absl::StrAppend(&out, "mmdit_generation_steps_per_second ", Exact(steps_per_second), "\n");
   Header(out, "mmdit_generation_step_queue_seconds", "histogram",
          "Per generation step: time since the generation's previous step ended (or its arrival).");
   step_queue_seconds_.Render("mmdit_generation_step_queue_seconds", out);
@@ -136,102 +137,6 @@ std::string ServerMetrics::Render(double now_s) const {
   Header(out, "mmdit_generation_seconds", "histogram", "End-to-end time of each completed generation.");
   generation_seconds_.Render("mmdit_generation_seconds", out);
   return out;
-}
-
-absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(const std::string& host, int port,
-                                                                            std::function<std::string()> render) {
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_PASSIVE;
-  addrinfo* addresses = nullptr;
-  const std::string port_text = std::to_string(port);
-  if (::getaddrinfo(host.empty() ? nullptr : host.c_str(), port_text.c_str(), &hints, &addresses) != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("metrics: cannot resolve host '", host, "'"));
-  }
-  int fd = -1;
-  for (addrinfo* a = addresses; a != nullptr && fd < 0; a = a->ai_next) {
-    fd = ::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
-    if (fd < 0) continue;
-    const int yes = 1;
-    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
-    if (::bind(fd, a->ai_addr, a->ai_addrlen) != 0 || ::listen(fd, 16) != 0) {
-      ::close(fd);
-      fd = -1;
-    }
-  }
-  ::freeaddrinfo(addresses);
-  if (fd < 0)
-    return absl::InternalError(absl::StrCat("metrics: cannot listen on ", host, ":", port, ": ", std::strerror(errno)));
-  sockaddr_storage bound{};
-  socklen_t bound_len = sizeof(bound);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &bound_len);
-  const int bound_port = ntohs(bound.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port
-                                                           : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
-  const int wake_fd = ::eventfd(0, EFD_CLOEXEC);
-  if (wake_fd < 0) {
-    ::close(fd);
-    return absl::InternalError(absl::StrCat("metrics: eventfd failed: ", std::strerror(errno)));
-  }
-  return std::unique_ptr<MetricsHttpServer>(new MetricsHttpServer(fd, wake_fd, bound_port, std::move(render)));
-}
-
-MetricsHttpServer::MetricsHttpServer(int listen_fd, int wake_fd, int port, std::function<std::string()> render)
-    : listen_fd_(listen_fd), wake_fd_(wake_fd), port_(port), render_(std::move(render)) {
-  thread_ = std::thread([this] { Serve(); });
-}
-
-MetricsHttpServer::~MetricsHttpServer() {
-  const uint64_t one = 1;
-  [[maybe_unused]] ssize_t written = ::write(wake_fd_, &one, sizeof(one));
-  thread_.join();
-  ::close(listen_fd_);
-  ::close(wake_fd_);
-}
-
-void MetricsHttpServer::Serve() {
-  while (true) {
-    pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {wake_fd_, POLLIN, 0}};
-    if (::poll(fds, 2, -1) < 0) continue;
-    if (fds[1].revents != 0) return;
-    if (fds[0].revents & POLLIN) {
-      const int client = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-      if (client >= 0) {
-        Answer(client);
-        ::close(client);
-      }
-    }
-  }
-}
-
-void MetricsHttpServer::Answer(int client_fd) {
-  // Read the request head, bounded in size and in total time (a slow client cannot hold the
-  // one serving thread, or shutdown, for long), and given up at once when stopping.
-  constexpr auto kRequestTimeout = std::chrono::seconds(2);
-  const auto give_up = std::chrono::steady_clock::now() + kRequestTimeout;
-  std::string request;
-  char buffer[1024];
-  while (request.find("\r\n\r\n") == std::string::npos && request.size() < 8192) {
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(give_up - std::chrono::steady_clock::now());
-    pollfd fds[2] = {{client_fd, POLLIN, 0}, {wake_fd_, POLLIN, 0}};
-    if (left.count() <= 0 || ::poll(fds, 2, static_cast<int>(left.count())) <= 0 || fds[1].revents != 0) return;
-    const ssize_t n = ::read(client_fd, buffer, sizeof(buffer));
-    if (n <= 0) return;
-    request.append(buffer, n);
-  }
-  const bool metrics = request.rfind("GET /metrics ", 0) == 0 || request.rfind("GET /metrics?", 0) == 0;
-  const std::string body = metrics ? render_() : "not found: try /metrics\n";
-  const std::string response =
-      absl::StrCat("HTTP/1.0 ", metrics ? "200 OK" : "404 Not Found",
-                   "\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: ", body.size(),
-                   "\r\nConnection: close\r\n\r\n", body);
-  const timeval send_timeout = {2, 0};
-  ::setsockopt(client_fd, SOL_SOCKET, SO_SNDTIMEO, &send_timeout, sizeof(send_timeout));
-  for (size_t sent = 0; sent < response.size();) {
-    const ssize_t n = ::send(client_fd, response.data() + sent, response.size() - sent, MSG_NOSIGNAL);
-    if (n <= 0) return;
-    sent += n;
-  }
 }
 
 }  // namespace mmdit

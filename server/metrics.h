@@ -1,4 +1,4 @@
-// The server's Prometheus metrics and the plain HTTP endpoint that serves them.
+// The server's Prometheus metrics (served by http_endpoints.h).
 // (prometheus-cpp is not packaged in Debian 12, so the text exposition format is written here.)
 #pragma once
 
@@ -8,10 +8,7 @@
 #include <functional>
 #include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
-
-#include "absl/status/statusor.h"
 
 namespace mmdit {
 
@@ -70,25 +67,6 @@ class ServerMetrics {
   mutable std::mutex window_mutex_;
   std::deque<std::pair<double, int64_t>> recent_passes_;  // guarded: (time_s, rows)
   std::deque<std::pair<double, int64_t>> recent_steps_;   // guarded: (time_s, 1)
-};
-
-// Serves GET /metrics over HTTP/1.0 on its own thread; stops on destruction.
-class MetricsHttpServer {
- public:
-  // Listens on `host`:`port` (0 picks a free port). Errors: Internal if it cannot listen.
-  static absl::StatusOr<std::unique_ptr<MetricsHttpServer>> Start(const std::string& host, int port,
-                                                                  std::function<std::string()> render);
-  ~MetricsHttpServer();
-  int port() const { return port_; }
-
- private:
-  MetricsHttpServer(int listen_fd, int wake_fd, int port, std::function<std::string()> render);
-  void Serve();
-  void Answer(int client_fd);
-
-  const int listen_fd_, wake_fd_, port_;
-  std::function<std::string()> render_;
-  std::thread thread_;
 };
 
 }  // namespace mmdit

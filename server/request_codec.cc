@@ -218,4 +218,35 @@ absl::StatusOr<DecodedGenerate> DecodeGenerateRequest(const v1::GenerateRequest&
   return decoded;
 }
 
+absl::Status CheckAnswer(absl::Span<const Tensor> answer, v1::DType dtype,
+                         const std::vector<std::vector<NamedInput>>& inputs, absl::string_view what) {
+  for (size_t b = 0; b < answer.size(); ++b) {
+    const std::optional<int64_t> at = FirstUnencodable(answer[b], dtype);
+    if (!at) continue;
+    const std::string sample = answer.size() == 1 ? std::string(what) : absl::StrCat(what, " of sample ", b);
+    const float value = answer[b].data[*at];
+    if (std::isfinite(value)) {  // finite in float32, not in the 16-bit dtype asked for
+      return absl::InvalidArgumentError(absl::StrCat(sample, " holds ", value, ", beyond ", v1::DType_Name(dtype),
+                                                     "'s range; ask for FP32 or BF16 output"));
+    }
+    // Which input is the likely cause: the one of largest magnitude (all are finite: decoding
+    // refused NaN and Inf).
+    std::string largest = "none";
+    float largest_magnitude = -1.0f;
+    for (const NamedInput& input : inputs.at(b)) {
+      for (int64_t i = 0; i < input.values.NumElements(); ++i) {
+        if (std::fabs(input.values.data[i]) > largest_magnitude) {
+          largest_magnitude = std::fabs(input.values.data[i]);
+          largest = input.field;
+        }
+      }
+    }
+    return absl::InvalidArgumentError(absl::StrCat(
+        sample, " is not finite (", value, " at element ", *at,
+        "): finite inputs overflowed float32 inside the model; the input of largest magnitude is ", largest,
+        " (|value| up to ", largest_magnitude, ")"));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace mmdit

@@ -2,10 +2,11 @@
 // must pass before it may join a batch.
 #pragma once
 
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include <optional>
 
 #include "core/engine.h"
 #include "core/sampler.h"
@@ -58,5 +59,20 @@ struct DecodedGenerate {
 // and the latent, plus the sampler's options). Errors: INVALID_ARGUMENT naming the field.
 absl::StatusOr<DecodedGenerate> DecodeGenerateRequest(const v1::GenerateRequest& request, const Engine& engine,
                                                       const RequestLimits& limits, const FlowMatchConfig& flow_match);
+
+// One input of a request by its field name, for naming the likely cause of an overflow.
+struct NamedInput {
+  std::string field;
+  TensorView values;
+};
+
+// Checks values about to be answered (`what`: "prediction" or "latent"; one tensor per sample,
+// with that sample's inputs in `inputs`)
+// before they are encoded as `dtype`: no response carries NaN or Inf. Finite inputs can still
+// overflow float32 inside the model (a pooled_text of 3e19 does); such a request is refused
+// rather than answered OK with NaN. Errors: INVALID_ARGUMENT naming the sample, the value, and
+// the input of largest magnitude (the likely cause), or the dtype whose range it exceeds.
+absl::Status CheckAnswer(absl::Span<const Tensor> answer, v1::DType dtype,
+                         const std::vector<std::vector<NamedInput>>& inputs, absl::string_view what);
 
 }  // namespace mmdit

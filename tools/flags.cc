@@ -1,11 +1,56 @@
 #include "tools/flags.h"
 
+#include <algorithm>
+#include <cctype>
+
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "core/status_macros.h"
 
 namespace mmdit {
+
+std::set<std::string> FlagNames(absl::Span<const FlagSpec> specs) {
+  std::set<std::string> names;
+  for (const FlagSpec& spec : specs) names.insert(spec.name);
+  return names;
+}
+
+std::string EnvName(const std::string& prefix, const std::string& flag) {
+  std::string name = prefix + flag;
+  for (char& c : name) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  return name;
+}
+
+std::string FlagUsage(absl::Span<const FlagSpec> specs, const std::string& env_prefix) {
+  std::vector<std::string> heads;
+  size_t width = 0;
+  for (const FlagSpec& spec : specs) {
+    heads.push_back(absl::StrCat("  --", spec.name, *spec.value != '\0' ? " " : "", spec.value));
+    width = std::max(width, heads.back().size());
+  }
+  std::string usage;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    std::string help = specs[i].help;
+    if (!env_prefix.empty()) absl::StrAppend(&help, " [", EnvName(env_prefix, specs[i].name), "]");
+    absl::StrAppend(&usage, heads[i], std::string(width + 2 - heads[i].size(), ' '));
+    // Wraps at spaces so that lines stay within 110 columns.
+    size_t column = width + 2;
+    for (absl::string_view word : absl::StrSplit(help, ' ', absl::SkipEmpty())) {
+      if (column > width + 2 && column + 1 + word.size() > 110) {
+        absl::StrAppend(&usage, "\n", std::string(width + 2, ' '));
+        column = width + 2;
+      } else if (column > width + 2) {
+        usage += ' ';
+        ++column;
+      }
+      absl::StrAppend(&usage, word);
+      column += word.size();
+    }
+    usage += '\n';
+  }
+  return usage;
+}
 
 absl::StatusOr<Flags> Flags::Parse(const std::vector<std::string>& args, const std::set<std::string>& known) {
   Flags flags;
@@ -30,11 +75,7 @@ absl::StatusOr<Flags> Flags::Parse(const std::vector<std::string>& args, const s
 absl::StatusOr<Flags> Flags::Parse(const std::vector<std::string>& args, const std::set<std::string>& known,
                                    const std::string& env_prefix, const char* const* environment) {
   std::map<std::string, std::string> by_env_name;
-  for (const std::string& name : known) {
-    std::string env_name = env_prefix + name;
-    for (char& c : env_name) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
-    by_env_name[env_name] = name;
-  }
+  for (const std::string& name : known) by_env_name[EnvName(env_prefix, name)] = name;
   Flags from_environment;
   for (const char* const* entry = environment; entry != nullptr && *entry != nullptr; ++entry) {
     const std::string text = *entry;

@@ -9,8 +9,25 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 
 namespace mmdit {
+
+// One flag of a program. A program's flag table is the one list its parser, its usage text
+// and its environment names are all built from, so that none can name a flag the others lack.
+struct FlagSpec {
+  const char* name;
+  const char* value;  // shown after the flag: its default, or a placeholder such as FILE
+  const char* help;
+};
+
+// The names in `specs`, for Flags::Parse.
+std::set<std::string> FlagNames(absl::Span<const FlagSpec> specs);
+// `prefix` + `flag` in upper case: ("MMDIT_", "max_queue_size") -> MMDIT_MAX_QUEUE_SIZE.
+std::string EnvName(const std::string& prefix, const std::string& flag);
+// One line per flag, "  --name VALUE   help", with its environment name when `env_prefix` is
+// not empty; long help wraps at the column of the help text.
+std::string FlagUsage(absl::Span<const FlagSpec> specs, const std::string& env_prefix = "");
 
 class Flags {
  public:

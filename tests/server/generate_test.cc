@@ -2,6 +2,7 @@
 // on Engine::Forward, alone and inside a crowd; progress, cancellation, deadlines, drain,
 // queue limits and malformed requests.
 #include <grpcpp/grpcpp.h>
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <thread>
@@ -507,6 +508,19 @@ INSTANTIATE_TEST_SUITE_P(
         MalformedCase{"too_many_text_tokens",
                       [](v1::GenerateRequest& r) { *r.mutable_txt_embed() = ZeroTensor({1, 513, 40}); }, "txt_embed"}),
     DescriptionAsTestName());
+
+TEST(Generate, ConditioningThatOverflowsEndsTheGenerationAtThatStepNamingTheInput) {
+  auto server = StartServer(ServerOptions());
+  auto client = ClientFor(*server);
+  Generation g = MakeGeneration(LoadEngine("sd3_tiny")->config(), {4, 8, 8}, 5, 6, 7.0f, 1);
+  std::fill(g.negative_pooled_text.data.begin(), g.negative_pooled_text.data.end(), 3e19f);
+  const StreamResult result = RunGenerate(*client, g.Request());
+  EXPECT_EQ(result.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(result.status.error_message(), ::testing::HasSubstr("latent is not finite"));
+  EXPECT_THAT(result.status.error_message(), ::testing::HasSubstr("negative_pooled_text (|value| up to 3e+19)"));
+  EXPECT_THAT(result.status.error_message(), ::testing::HasSubstr("at step 1 of 6"));
+  EXPECT_TRUE(result.progress.empty());  // no message carried the NaN latent
+}
 
 TEST(Generate, GetModelInfoReportsTheSamplerDefaultsAndGenerationLimits) {
   ServerOptions options;

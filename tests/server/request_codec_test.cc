@@ -145,5 +145,42 @@ TEST(TensorCodec, EncodesPredictionsInTheRequestedDtype) {
   }
 }
 
+TEST(TensorCodec, FirstUnencodableFindsNonFiniteValuesAndValuesBeyondTheDtypesRange) {
+  const Tensor finite({3}, {1.0f, -7.0e4f, 3.0e38f});
+  EXPECT_EQ(FirstUnencodable(finite, v1::FP32), std::nullopt);
+  EXPECT_EQ(FirstUnencodable(finite, v1::FP16), 1);  // fp16's largest finite value is 65504
+  EXPECT_EQ(FirstUnencodable(finite, v1::BF16), std::nullopt);
+  EXPECT_EQ(FirstUnencodable(Tensor({2}, {65504.0f, -65504.0f}), v1::FP16), std::nullopt);
+  EXPECT_EQ(FirstUnencodable(Tensor({2}, {3.39e38f, 0.0f}), v1::BF16), std::nullopt);  // rounds to bf16's max
+  EXPECT_EQ(FirstUnencodable(Tensor({2}, {0.0f, 3.4e38f}), v1::BF16), 1);               // rounds up to Inf
+  EXPECT_EQ(FirstUnencodable(Tensor({2}, {0.0f, std::nanf("")}), v1::FP32), 1);
+  EXPECT_EQ(FirstUnencodable(Tensor({1}, {-INFINITY}), v1::BF16), 0);
+}
+
+TEST(CheckAnswer, NamesTheSampleTheValueAndTheInputOfLargestMagnitude) {
+  const Tensor small({2}, {0.5f, -1.0f}), huge({1}, {-3.0e19f}), latent({2}, {1.0f, 2.0f});
+  const std::vector<Tensor> answer = {Tensor({2}, {1.0f, 2.0f}), Tensor({2}, {0.0f, std::nanf("")})};
+  const std::vector<std::vector<NamedInput>> inputs = {{{"img_latent", latent}, {"pooled_text", small}},
+                                                       {{"img_latent", latent}, {"pooled_text", huge}}};
+  const absl::Status status = CheckAnswer(answer, v1::FP32, inputs, "prediction");
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(status.message()), HasSubstr("prediction of sample 1 is not finite (nan at element 1)"));
+  EXPECT_THAT(std::string(status.message()), HasSubstr("largest magnitude is pooled_text (|value| up to 3e+19)"));
+  // A lone sample is not numbered; a finite answer passes.
+  EXPECT_THAT(std::string(CheckAnswer({answer[1]}, v1::FP32, {inputs[1]}, "latent").message()),
+              HasSubstr("latent is not finite"));
+  EXPECT_TRUE(CheckAnswer({answer[0]}, v1::FP16, {inputs[0]}, "prediction").ok());
+}
+
+TEST(CheckAnswer, AFiniteValueBeyondFp16IsRefusedOnlyInFp16) {
+  const Tensor latent({1}, {1.0f});
+  const std::vector<Tensor> answer = {Tensor({2}, {1.0f, 7.0e4f})};
+  const absl::Status status = CheckAnswer(answer, v1::FP16, {{{"img_latent", latent}}}, "prediction");
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(status.message()), HasSubstr("prediction holds 70000, beyond FP16's range"));
+  EXPECT_TRUE(CheckAnswer(answer, v1::FP32, {{{"img_latent", latent}}}, "prediction").ok());
+  EXPECT_TRUE(CheckAnswer(answer, v1::BF16, {{{"img_latent", latent}}}, "prediction").ok());
+}
+
 }  // namespace
 }  // namespace mmdit

@@ -107,10 +107,43 @@ TEST(ServerProcess, SigtermAnswersEveryAcceptedRequestThenExitsCleanly) {
   EXPECT_THAT(server.log(), ::testing::HasSubstr("draining"));
 }
 
+// --dtype from the command line and from the environment (the flag table builds both).
+TEST(ServerProcess, TakesTheComputeDtypeFromTheFlagOrTheEnvironment) {
+  const std::vector<std::string> model = {"--model", testing::GoldenDir("sd3_tiny"), "--host", "127.0.0.1", "--port",
+                                          "0", "--metrics_port", "-1", "--warmup", "1x4x16x16/9"};
+  std::vector<std::string> with_flag = model;
+  with_flag.insert(with_flag.end(), {"--dtype", "bf16"});
+  for (const auto& [args, environment] :
+       std::vector<std::pair<std::vector<std::string>, std::vector<std::string>>>{{with_flag, {}},
+                                                                                  {model, {"MMDIT_DTYPE=bf16"}}}) {
+    ServerProcess server(args, environment);
+    if (server.log().find("SERVING:") != std::string::npos) {
+      EXPECT_THAT(server.log(), ::testing::HasSubstr("bf16 compute"));
+      EXPECT_EQ(server.Terminate(), 0) << server.log();
+    } else {  // a CPU that cannot run bf16 refuses it, by name: the flag was still read
+      EXPECT_EQ(server.Terminate(), 1) << server.log();
+      EXPECT_THAT(server.log(), ::testing::HasSubstr("bf16"));
+    }
+  }
+}
+
+TEST(ServerProcess, HelpListsEveryFlagWithItsEnvironmentName) {
+  ServerProcess server({"--help"}, {});
+  EXPECT_EQ(server.Terminate(), 0);
+  for (const char* line : {"--dtype f32", "[MMDIT_DTYPE]", "--max_running_generations 8", "[MMDIT_MAX_STEPS]",
+                           "--drain_timeout_s 30", "[MMDIT_TLS_CLIENT_CA]"}) {
+    EXPECT_THAT(server.log(), ::testing::HasSubstr(line));
+  }
+}
+
 TEST(ServerProcess, RefusesBadFlagsWithUsage) {
   ServerProcess server({"--max_batch_samples", "0"}, {});
   EXPECT_EQ(server.Terminate(), 1);
   EXPECT_THAT(server.log(), ::testing::HasSubstr("--max_batch_samples must be >= 1"));
+  ServerProcess unknown({"--dtipe", "bf16"}, {});
+  EXPECT_EQ(unknown.Terminate(), 2);
+  EXPECT_THAT(unknown.log(), ::testing::HasSubstr("unknown flag --dtipe"));
+  EXPECT_THAT(unknown.log(), ::testing::HasSubstr("--dtype f32"));  // the usage follows
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include <thread>
 
 #include "core/batch.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "mmdit_test/reflection.pb.h"
 #include "server/denoiser_server.h"
 #include "tests/server/server_test_util.h"
@@ -197,6 +198,39 @@ TEST(DenoiserServer, MalformedRequestsAreInvalidArgumentAndHarmNoBatchMate) {
   EXPECT_EQ(server->metrics().requests_with_code(grpc::StatusCode::INVALID_ARGUMENT), bad.size());
 }
 
+// Finite inputs that overflow float32 inside the model: refused naming the input, never
+// answered OK with NaN, and the request that shared the pass is answered as if alone.
+TEST(DenoiserServer, InputsThatOverflowInsideTheModelAreRefusedAndHarmNoBatchMate) {
+  ServerOptions options;
+  options.scheduler.max_batch_samples = 2;            // the pass goes when both are there
+  options.scheduler.max_queue_delay_us = 10'000'000;  // and not before
+  auto server = StartServer(options);
+  auto client = ClientFor(*server);
+  const Inputs good = RandomSd3TinyInputs(1, 8, 8, 7, 1);
+  const std::vector<std::pair<std::function<void(Inputs&)>, std::string>> overflows = {
+      // (One element of 3e19 stays finite in this small model, though the prediction reaches 1e18.)
+      {[](Inputs& in) { std::fill(in.pooled_text.data.begin(), in.pooled_text.data.end(), 3e19f); },
+       "pooled_text (|value| up to 3e+19)"},
+      {[](Inputs& in) { in.img_latent.data[5] = -3.4e38f; }, "img_latent (|value| up to 3.4e+38)"},
+  };
+  for (const auto& [spoil, message] : overflows) {
+    Inputs bad = RandomSd3TinyInputs(1, 8, 8, 7, 2);
+    spoil(bad);
+    auto good_call = StartDenoise(*client, good, kTimeout, /*wait_for_batch=*/true);
+    auto bad_call = StartDenoise(*client, bad, kTimeout, /*wait_for_batch=*/true);
+    const grpc::Status bad_status = bad_call->status.get();
+    EXPECT_EQ(bad_status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << message;
+    EXPECT_THAT(bad_status.error_message(), HasSubstr("prediction is not finite"));
+    EXPECT_THAT(bad_status.error_message(), HasSubstr(message));
+    ASSERT_TRUE(good_call->status.get().ok());
+    EXPECT_EQ(good_call->response.batch_samples(), 2) << "the two did not share the pass";
+    auto prediction = DecodeTensor(good_call->response.prediction(), "prediction");
+    ASSERT_TRUE(prediction.ok());
+    EXPECT_LE(MaxAbsDiff(*prediction, EngineAlone("sd3_tiny", good)), 1e-5) << message;
+  }
+  EXPECT_EQ(server->metrics().requests_with_code(grpc::StatusCode::INVALID_ARGUMENT), 2u);
+}
+
 TEST(DenoiserServer, HealthFollowsTheLifeCycle) {
   auto server = StartServer({}, "sd3_tiny", /*serve=*/false);
   auto client = ClientFor(*server);
@@ -243,6 +277,57 @@ TEST(DenoiserServer, ServesPrometheusMetrics) {
   EXPECT_THAT(page, HasSubstr("mmdit_queue_seconds_count 1\n"));
   EXPECT_THAT(page, HasSubstr("mmdit_queue_depth 0\n"));
   EXPECT_THAT(HttpGet(server->metrics_port(), "/other"), HasSubstr("404"));
+}
+
+// Idle connections cannot hold the HTTP port: a scrape is answered while three sit open (the
+// old one-connection-at-a-time server held each for 2 s). Probes for HTTP-only checkers.
+TEST(DenoiserServer, HttpPortServesProbesAndScrapesWhileIdleConnectionsAreOpen) {
+  auto server = StartServer({});
+  const int port = server->metrics_port();
+  std::vector<std::unique_ptr<testing::IdleConnection>> idle;
+  for (int i = 0; i < 3; ++i) {
+    idle.push_back(std::make_unique<testing::IdleConnection>(port));
+    ASSERT_TRUE(idle.back()->connected());
+  }
+  const auto within = std::chrono::milliseconds(1500);  // a fraction of the 6 s the old server took
+  EXPECT_THAT(HttpGet(port, "/metrics", within), HasSubstr("mmdit_queue_depth 0\n"));
+  const std::string healthz = HttpGet(port, "/healthz", within);
+  EXPECT_THAT(healthz, HasSubstr(" 200 "));
+  EXPECT_THAT(HttpGet(port, "/readyz", within), HasSubstr(" 200 "));
+  server->BeginDrain();
+  EXPECT_THAT(HttpGet(port, "/readyz", within), HasSubstr(" 503 "));
+  EXPECT_THAT(HttpGet(port, "/healthz", within), HasSubstr(" 200 "));  // alive while draining
+}
+
+TEST(DenoiserServer, ReadyzIsNotReadyUntilTheModelIsServed) {
+  auto server = StartServer({}, "sd3_tiny", /*serve=*/false);
+  EXPECT_THAT(HttpGet(server->metrics_port(), "/readyz"), HasSubstr(" 503 "));
+  EXPECT_THAT(HttpGet(server->metrics_port(), "/healthz"), HasSubstr(" 200 "));
+  ASSERT_TRUE(server->Serve(Engine::Load(GoldenDir("sd3_tiny")).value(), {{1, {4, 16, 16}, 10}}).ok());
+  EXPECT_THAT(HttpGet(server->metrics_port(), "/readyz"), HasSubstr(" 200 "));
+}
+
+// At shutdown a Watch stream is told NOT_SERVING and then ends with OK, instead of being cut
+// off by the gRPC server's shutdown deadline.
+TEST(DenoiserServer, ShutdownEndsHealthWatchStreamsWithNotServing) {
+  auto server = StartServer({});
+  auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(server->port()), grpc::InsecureChannelCredentials());
+  auto stub = grpc::health::v1::Health::NewStub(channel);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + kTimeout);
+  grpc::health::v1::HealthCheckRequest request;
+  auto reader = stub->Watch(&context, request);
+  grpc::health::v1::HealthCheckResponse response;
+  ASSERT_TRUE(reader->Read(&response));
+  EXPECT_EQ(response.status(), grpc::health::v1::HealthCheckResponse::SERVING);
+  std::thread stopper([&] { server->Shutdown(); });
+  std::vector<grpc::health::v1::HealthCheckResponse::ServingStatus> seen;
+  while (reader->Read(&response)) seen.push_back(response.status());
+  const grpc::Status status = reader->Finish();
+  stopper.join();
+  EXPECT_TRUE(status.ok()) << status.error_code() << " " << status.error_message();
+  ASSERT_FALSE(seen.empty());
+  EXPECT_EQ(seen.back(), grpc::health::v1::HealthCheckResponse::NOT_SERVING);
 }
 
 TEST(DenoiserServer, ReflectionListsTheServices) {

@@ -59,13 +59,38 @@ bool Eventually(const std::function<bool()>& condition, std::chrono::millisecond
   return true;
 }
 
-std::string HttpGet(int port, const std::string& path) {
+namespace {
+
+// A socket connected to 127.0.0.1:`port`, or -1.
+int ConnectLoopback(int port) {
   const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in address{};
   address.sin_family = AF_INET;
   address.sin_port = htons(port);
   address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) return "";
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+}  // namespace
+
+IdleConnection::IdleConnection(int port) : fd_(ConnectLoopback(port)), connected_(fd_ >= 0) {}
+
+IdleConnection::~IdleConnection() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+std::string HttpGet(int port, const std::string& path, std::chrono::milliseconds read_timeout) {
+  const int fd = ConnectLoopback(port);
+  if (fd < 0) return "";
+  if (read_timeout.count() > 0) {
+    const timeval timeout = {static_cast<time_t>(read_timeout.count() / 1000),
+                             static_cast<suseconds_t>(read_timeout.count() % 1000 * 1000)};
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+  }
   const std::string request = "GET " + path + " HTTP/1.0\r\nHost: localhost\r\n\r\n";
   [[maybe_unused]] ssize_t sent = ::send(fd, request.data(), request.size(), 0);
   std::string response;

@@ -45,7 +45,23 @@ std::unique_ptr<AsyncCall> StartDenoise(DenoiserClient& client, const Inputs& in
 // another thread's progress, not for timing anything.)
 bool Eventually(const std::function<bool()>& condition, std::chrono::milliseconds limit = std::chrono::seconds(20));
 
-// The body and head of an HTTP/1.0 GET to 127.0.0.1:`port`; empty if it cannot connect.
-std::string HttpGet(int port, const std::string& path);
+// The body and head of an HTTP/1.0 GET to 127.0.0.1:`port`; empty if it cannot connect. With a
+// `read_timeout`, what arrived by then (a server that does not answer in time reads as "").
+std::string HttpGet(int port, const std::string& path,
+                    std::chrono::milliseconds read_timeout = std::chrono::milliseconds(0));
+
+// A TCP connection to 127.0.0.1:`port` that sends nothing, closed on destruction.
+class IdleConnection {
+ public:
+  explicit IdleConnection(int port);
+  ~IdleConnection();
+  IdleConnection(const IdleConnection&) = delete;
+  IdleConnection& operator=(const IdleConnection&) = delete;
+  bool connected() const { return connected_; }
+
+ private:
+  int fd_ = -1;
+  bool connected_ = false;
+};
 
 }  // namespace mmdit::testing
