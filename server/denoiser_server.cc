@@ -1,11 +1,14 @@
 #include "server/denoiser_server.h"
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpc/grpc.h>
 #include <grpcpp/grpcpp.h>
 #include <spdlog/spdlog.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <fstream>
+#include <set>
 #include <sstream>
 
 #include "absl/strings/numbers.h"
@@ -13,6 +16,7 @@
 #include "absl/strings/str_split.h"
 #include "core/status_macros.h"
 #include "mmdit/v1/denoiser.grpc.pb.h"
+#include "nlohmann/json.hpp"
 
 namespace mmdit {
 namespace {
@@ -20,6 +24,53 @@ namespace {
 grpc::Status ToGrpc(const absl::Status& status) {
   return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
 }
+
+// Denoise and Generate are raw methods (bytes in, bytes out) so that a body that is not the
+// request message is our INVALID_ARGUMENT with a message, not gRPC's bare UNIMPLEMENTED.
+template <typename Message>
+absl::Status ParseRequest(const grpc::ByteBuffer& wire, Message& message) {
+  grpc::ByteBuffer body(wire);  // shares the slices; Deserialize consumes its argument
+  if (!grpc::SerializationTraits<Message>::Deserialize(&body, &message).ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("the request body (", wire.Length(), " bytes) is not a valid ",
+                                                   Message::descriptor()->full_name(), " message"));
+  }
+  return absl::OkStatus();
+}
+
+grpc::ByteBuffer Serialized(const google::protobuf::Message& message) {
+  grpc::ByteBuffer wire;
+  bool own_buffer = false;
+  grpc::SerializationTraits<google::protobuf::Message>::Serialize(message, &wire, &own_buffer);
+  return wire;
+}
+
+// Counts every finished call by method and status code as its status is sent, including the
+// calls gRPC answers without our handlers (a message over the size limit, an unknown method).
+class CallCounter final : public grpc::experimental::Interceptor {
+ public:
+  CallCounter(std::string method, ServerMetrics& metrics) : method_(std::move(method)), metrics_(metrics) {}
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    if (methods->QueryInterceptionHookPoint(grpc::experimental::InterceptionHookPoints::PRE_SEND_STATUS)) {
+      metrics_.CountCall(method_, methods->GetSendStatus().error_code());
+    }
+    methods->Proceed();
+  }
+
+ private:
+  const std::string method_;
+  ServerMetrics& metrics_;
+};
+
+class CallCounterFactory final : public grpc::experimental::ServerInterceptorFactoryInterface {
+ public:
+  explicit CallCounterFactory(ServerMetrics& metrics) : metrics_(metrics) {}
+  grpc::experimental::Interceptor* CreateServerInterceptor(grpc::experimental::ServerRpcInfo* info) override {
+    return new CallCounter(info->method() != nullptr ? info->method() : "", metrics_);
+  }
+
+ private:
+  ServerMetrics& metrics_;
+};
 
 // One forward pass, as the work that shared it sees it.
 struct PassStats {
@@ -44,8 +95,8 @@ StepWork& WorkOf(const WorkItem& item) { return static_cast<StepWork&>(*item.cal
 // One Denoise call from arrival to answer.
 class DenoiseCall final : public StepWork {
  public:
-  DenoiseCall(v1::DenoiseResponse* response, ServerMetrics& metrics, int64_t arrival_us, std::string request_id)
-      : response(response), arrival_us(arrival_us), request_id(std::move(request_id)), metrics_(metrics) {}
+  DenoiseCall(grpc::ByteBuffer* wire_response, ServerMetrics& metrics, int64_t arrival_us)
+      : wire_response(wire_response), arrival_us(arrival_us), metrics_(metrics) {}
 
   bool IsCancelled() const override { return cancelled_.load(std::memory_order_acquire); }
   void MarkCancelled() { cancelled_.store(true, std::memory_order_release); }
@@ -64,11 +115,13 @@ class DenoiseCall final : public StepWork {
       Finish(ToGrpc(finite));
       return true;
     }
-    EncodePrediction(outputs, request.output_dtype, response->mutable_prediction());
-    response->set_request_id(request_id);
-    response->set_queue_us(pass.start_us - arrival_us);
-    response->set_compute_us(pass.end_us - pass.start_us);
-    response->set_batch_samples(pass.rows);
+    v1::DenoiseResponse response;
+    EncodePrediction(outputs, request.output_dtype, response.mutable_prediction());
+    response.set_request_id(request_id);
+    response.set_queue_us(pass.start_us - arrival_us);
+    response.set_compute_us(pass.end_us - pass.start_us);
+    response.set_batch_samples(pass.rows);
+    *wire_response = Serialized(response);
     metrics_.ObserveQueueTime((pass.start_us - arrival_us) / 1e6);
     spdlog::debug("request '{}': {} samples, queue {} us, compute {} us", request_id, outputs.size(),
                   pass.start_us - arrival_us, pass.end_us - pass.start_us);
@@ -83,7 +136,6 @@ class DenoiseCall final : public StepWork {
   // Answers the call. Only the first Finish has effect: after it, gRPC may delete the reactor.
   void Finish(const grpc::Status& status) {
     if (finished_.exchange(true)) return;
-    metrics_.CountRequest(status.error_code());
     if (!status.ok()) {
       spdlog::debug("request '{}': {} {}", request_id, static_cast<int>(status.error_code()), status.error_message());
     }
@@ -104,9 +156,9 @@ class DenoiseCall final : public StepWork {
   }
 
   DecodedRequest request;
-  v1::DenoiseResponse* const response;  // owned by gRPC, valid until Finish
+  grpc::ByteBuffer* const wire_response;  // owned by gRPC, valid until Finish
   const int64_t arrival_us;
-  const std::string request_id;
+  std::string request_id;  // once parsed
 
  private:
   ServerMetrics& metrics_;
@@ -135,14 +187,14 @@ class DenoiseReactor final : public grpc::ServerUnaryReactor {
 // message is kept until written, which bounds the outbox by the request's own steps.
 class GenerateCall final : public StepWork {
  public:
-  GenerateCall(ServerMetrics& metrics, StepScheduler& scheduler, int64_t arrival_us, std::string request_id)
+  GenerateCall(ServerMetrics& metrics, StepScheduler& scheduler, int64_t arrival_us)
       : arrival_us_(arrival_us),
         last_event_us_(arrival_us),
-        request_id_(std::move(request_id)),
         metrics_(metrics),
         scheduler_(scheduler) {}
 
-  void set_reactor(grpc::ServerWriteReactor<v1::GenerateProgress>* reactor) { reactor_ = reactor; }
+  void set_reactor(grpc::ServerWriteReactor<grpc::ByteBuffer>* reactor) { reactor_ = reactor; }
+  void set_request_id(std::string request_id) { request_id_ = std::move(request_id); }
   void set_request(DecodedGenerate request) { request_ = std::move(request); }
 
   bool IsCancelled() const override { return cancelled_.load(std::memory_order_acquire); }
@@ -194,7 +246,7 @@ class GenerateCall final : public StepWork {
     progress.set_request_id(request_id_);
     if (done || preview) EncodePrediction({sampler.latent()}, request_.output_dtype, progress.mutable_latent());
     progress.set_done(done);
-    Send(std::move(progress));
+    Send(progress);
     if (done) {
       metrics_.ObserveGeneration((pass.end_us - arrival_us_) / 1e6);
       spdlog::debug("generation '{}': {} steps, queue {} us, compute {} us", request_id_, sampler.total_steps(),
@@ -225,7 +277,6 @@ class GenerateCall final : public StepWork {
       }
       finish_now = !writing_;
     }
-    metrics_.CountRequest(status.error_code());
     if (!status.ok()) {
       spdlog::debug("generation '{}': {} {}", request_id_, static_cast<int>(status.error_code()),
                     status.error_message());
@@ -235,7 +286,7 @@ class GenerateCall final : public StepWork {
 
   // The reactor's OnWriteDone: the next message, or the deferred Finish.
   void OnWriteDone(bool ok) {
-    const v1::GenerateProgress* next = nullptr;
+    const grpc::ByteBuffer* next = nullptr;
     std::optional<grpc::Status> finish;
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -255,12 +306,13 @@ class GenerateCall final : public StepWork {
   }
 
  private:
-  void Send(v1::GenerateProgress progress) {
-    const v1::GenerateProgress* next = nullptr;
+  void Send(const v1::GenerateProgress& progress) {
+    grpc::ByteBuffer wire = Serialized(progress);
+    const grpc::ByteBuffer* next = nullptr;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       if (finish_status_) return;
-      outbox_.push_back(std::move(progress));  // a deque: the message in flight does not move
+      outbox_.push_back(std::move(wire));  // a deque: the message in flight does not move
       if (!writing_) {
         writing_ = true;
         next = &outbox_.front();
@@ -272,20 +324,20 @@ class GenerateCall final : public StepWork {
   const int64_t arrival_us_;
   int64_t last_event_us_;  // arrival, then the end of its last pass (step loop only)
   int64_t queue_us_ = 0, compute_us_ = 0;
-  const std::string request_id_;
+  std::string request_id_;  // set before the call is queued
   ServerMetrics& metrics_;
   StepScheduler& scheduler_;
   DecodedGenerate request_;             // the step loop's once queued
   std::vector<SampleInput> step_rows_;  // this step's rows, viewed by the pass
-  grpc::ServerWriteReactor<v1::GenerateProgress>* reactor_ = nullptr;
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* reactor_ = nullptr;
   std::atomic<bool> cancelled_{false};
   std::mutex mutex_;
-  std::deque<v1::GenerateProgress> outbox_;    // guarded; the front is in flight while writing_
+  std::deque<grpc::ByteBuffer> outbox_;        // guarded; the front is in flight while writing_
   bool writing_ = false;                       // guarded
   std::optional<grpc::Status> finish_status_;  // guarded: Finish was called
 };
 
-class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateProgress> {
+class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
   explicit GenerateReactor(std::shared_ptr<GenerateCall> call) : call_(std::move(call)) {}
   void OnWriteDone(bool ok) override { call_->OnWriteDone(ok); }
@@ -311,6 +363,22 @@ absl::StatusOr<std::string> ReadFile(const std::string& path, const std::string&
   std::stringstream text;
   text << file.rdbuf();
   return text.str();
+}
+
+// The channelz ids of the gRPC servers in this process (gRPC's core keeps call counts per server
+// there, including calls it refuses before the application sees them).
+std::set<int64_t> ChannelzServerIds() {
+  std::set<int64_t> ids;
+  char* text = grpc_channelz_get_servers(0);
+  if (text == nullptr) return ids;
+  const nlohmann::json servers = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  std::free(text);
+  if (!servers.is_object() || !servers.contains("server")) return ids;
+  for (const nlohmann::json& server : servers["server"]) {
+    int64_t id = 0;
+    if (server.contains("ref") && absl::SimpleAtoi(server["ref"].value("serverId", ""), &id)) ids.insert(id);
+  }
+  return ids;
 }
 
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(const TlsOptions& tls) {
@@ -363,17 +431,26 @@ absl::StatusOr<std::vector<WarmupShape>> ParseWarmupShapes(const std::string& sp
 
 // ---------------------------------------------------------------------------------------------
 
-class DenoiserServer::Service final : public v1::Denoiser::CallbackService {
+class DenoiserServer::Service final
+    : public v1::Denoiser::WithRawCallbackMethod_Denoise<
+          v1::Denoiser::WithRawCallbackMethod_Generate<v1::Denoiser::CallbackService>> {
  public:
   explicit Service(DenoiserServer& server) : server_(server) {}
 
-  grpc::ServerUnaryReactor* Denoise(grpc::CallbackServerContext* context, const v1::DenoiseRequest* request,
-                                    v1::DenoiseResponse* response) override {
+  grpc::ServerUnaryReactor* Denoise(grpc::CallbackServerContext* context, const grpc::ByteBuffer* wire_request,
+                                    grpc::ByteBuffer* wire_response) override {
     const int64_t arrival_us = server_.clock_.NowUs();
     const int64_t deadline_us = DeadlineUs(*context, arrival_us);  // before decoding eats into it
-    auto call = std::make_shared<DenoiseCall>(response, *server_.metrics_, arrival_us, request->request_id());
+    auto call = std::make_shared<DenoiseCall>(wire_response, *server_.metrics_, arrival_us);
     auto* reactor = new DenoiseReactor(call, server_.scheduler_);
     call->set_reactor(reactor);
+    v1::DenoiseRequest parsed;
+    if (absl::Status status = ParseRequest(*wire_request, parsed); !status.ok()) {
+      call->Finish(ToGrpc(status));
+      return reactor;
+    }
+    const v1::DenoiseRequest* request = &parsed;
+    call->request_id = request->request_id();
     const Engine* engine = server_.engine_.load(std::memory_order_acquire);
     if (engine == nullptr) {
       call->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is still loading; retry shortly"));
@@ -397,14 +474,20 @@ class DenoiserServer::Service final : public v1::Denoiser::CallbackService {
     return reactor;
   }
 
-  grpc::ServerWriteReactor<v1::GenerateProgress>* Generate(grpc::CallbackServerContext* context,
-                                                           const v1::GenerateRequest* request) override {
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Generate(grpc::CallbackServerContext* context,
+                                                       const grpc::ByteBuffer* wire_request) override {
     const int64_t arrival_us = server_.clock_.NowUs();
     const int64_t deadline_us = DeadlineUs(*context, arrival_us);
-    auto call = std::make_shared<GenerateCall>(*server_.metrics_, server_.scheduler_, arrival_us,
-                                               request->request_id());
+    auto call = std::make_shared<GenerateCall>(*server_.metrics_, server_.scheduler_, arrival_us);
     auto* reactor = new GenerateReactor(call);
     call->set_reactor(reactor);
+    v1::GenerateRequest parsed;
+    if (absl::Status status = ParseRequest(*wire_request, parsed); !status.ok()) {
+      call->Finish(ToGrpc(status));
+      return reactor;
+    }
+    const v1::GenerateRequest* request = &parsed;
+    call->set_request_id(request->request_id());
     const Engine* engine = server_.engine_.load(std::memory_order_acquire);
     if (engine == nullptr) {
       call->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is still loading; retry shortly"));
@@ -521,10 +604,18 @@ absl::StatusOr<std::unique_ptr<DenoiserServer>> DenoiserServer::Start(const Serv
     builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, static_cast<int>(options.max_connection_age_s * 1000));
     builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, static_cast<int>(options.drain_timeout_s * 1000));
   }
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(std::make_unique<CallCounterFactory>(*server->metrics_));
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
   server->service_ = std::make_unique<Service>(*server);
   builder.RegisterService(server->service_.get());
   builder.RegisterService(&server->health_);
+  const std::set<int64_t> channelz_before = ChannelzServerIds();
   server->server_ = builder.BuildAndStart();
+  // Ours is the one that was not there before (servers are built one at a time here).
+  for (int64_t id : ChannelzServerIds()) {
+    if (!channelz_before.contains(id)) server->channelz_id_ = id;
+  }
   if (server->server_ == nullptr || server->port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", address));
   }
@@ -538,7 +629,28 @@ absl::StatusOr<std::unique_ptr<DenoiserServer>> DenoiserServer::Start(const Serv
   return server;
 }
 
-std::string DenoiserServer::RenderMetrics() const { return metrics_->Render(clock_.NowUs() / 1e6); }
+std::string DenoiserServer::RenderMetrics() const {
+  std::string page = metrics_->Render(clock_.NowUs() / 1e6);
+  if (channelz_id_ <= 0) return page;
+  char* text = grpc_channelz_get_server(channelz_id_);
+  if (text == nullptr) return page;
+  const nlohmann::json server = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  std::free(text);
+  if (!server.is_object() || !server.contains("server") || !server["server"].contains("data")) return page;
+  const nlohmann::json& data = server["server"]["data"];
+  absl::StrAppend(&page,
+                  "# HELP grpc_core_server_calls_total Calls as gRPC's core counts them (channelz). started includes "
+                  "calls the core refuses before any handler or interceptor sees them (a message over "
+                  "--max_receive_message_mb), which are in no per-code counter.\n"
+                  "# TYPE grpc_core_server_calls_total counter\n");
+  for (const auto& [outcome, key] : {std::pair<const char*, const char*>{"started", "callsStarted"},
+                                     {"succeeded", "callsSucceeded"}, {"failed", "callsFailed"}}) {
+    int64_t count = 0;
+    if (data.contains(key)) (void)absl::SimpleAtoi(data[key].get<std::string>(), &count);  // int64 as JSON text
+    absl::StrAppend(&page, "grpc_core_server_calls_total{outcome=\"", outcome, "\"} ", count, "\n");
+  }
+  return page;
+}
 
 absl::Status DenoiserServer::Serve(std::unique_ptr<Engine> engine, const std::vector<WarmupShape>& warmup,
                                    const FlowMatchConfig& flow_match) {

@@ -109,6 +109,7 @@ class DenoiserServer {
   std::unique_ptr<Service> service_;  // outlives server_
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<HttpEndpoints> metrics_http_;
+  int64_t channelz_id_ = 0;  // our server in gRPC's channelz; 0: not found
   int port_ = 0;
   std::thread step_thread_;
   std::atomic<bool> step_loop_done_{false};

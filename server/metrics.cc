@@ -24,6 +24,16 @@ std::string Exact(double value) {
   return std::string(text, end);
 }
 
+// `text` as a label value of the text format: backslash, double quote and newline escaped.
+std::string LabelValue(const std::string& text) {
+  std::string escaped;
+  for (const char c : text) {
+    if (c == '\\' || c == '"') escaped += '\\';
+    escaped += c == '\n' ? std::string("\\n") : std::string(1, c);
+  }
+  return escaped;
+}
+
 void Header(std::string& out, const std::string& name, const char* type, const char* help) {
   absl::StrAppend(&out, "# HELP ", name, " ", help, "\n# TYPE ", name, " ", type, "\n");
 }
@@ -63,8 +73,21 @@ ServerMetrics::ServerMetrics(std::function<int64_t()> queue_depth, std::function
       first_step_seconds_(Exponential(1e-3, 2, 16)),    // 1 ms .. 33 s
       generation_seconds_(Exponential(10e-3, 2, 16)) {} // 10 ms .. 5.5 min
 
-void ServerMetrics::CountRequest(int code) {
-  if (code >= 0 && code < 17) requests_by_code_[code].fetch_add(1);
+void ServerMetrics::CountCall(const std::string& method, int code) {
+  if (code < 0 || code >= 17) code = static_cast<int>(absl::StatusCode::kUnknown);
+  if (method == "/mmdit.v1.Denoiser/Denoise" || method == "/mmdit.v1.Denoiser/Generate") {
+    requests_by_code_[code].fetch_add(1);
+  }
+  std::lock_guard<std::mutex> lock(calls_mutex_);
+  // A client chooses the method path: past a bound, new names share one series, so that a
+  // flood of made-up paths cannot grow the page (or memory) without end.
+  const bool known = methods_seen_.contains(method);
+  if (!known && methods_seen_.size() >= kMaxMethods) {
+    ++calls_[{"other", code}];
+    return;
+  }
+  if (!known) methods_seen_.insert(method);
+  ++calls_[{method, code}];
 }
 
 void ServerMetrics::Record(std::deque<std::pair<double, int64_t>>& window, double now_s, int64_t count) {
@@ -98,10 +121,25 @@ void ServerMetrics::ObserveGenerationStep(double queue_seconds, double now_s) {
 
 std::string ServerMetrics::Render(double now_s) const {
   std::string out;
-  Header(out, "mmdit_requests_total", "counter", "Denoise and Generate calls answered, by gRPC status code.");
+  Header(out, "mmdit_requests_total", "counter", "Denoise and Generate calls finished, by gRPC status code (also those gRPC answered itself).");
   for (int code = 0; code < 17; ++code) {
     absl::StrAppend(&out, "mmdit_requests_total{code=\"", absl::StatusCodeToString(static_cast<absl::StatusCode>(code)),
                     "\"} ", requests_by_code_[code].load(), "\n");
+  }
+  Header(out, "grpc_server_handled_total", "counter",
+         "Every gRPC call finished, by service, method and status code, including those gRPC answered itself.");
+  {
+    std::lock_guard<std::mutex> lock(calls_mutex_);
+    for (const auto& [key, count] : calls_) {
+      const auto& [method, code] = key;
+      // "/package.Service/Method"; anything else (an unknown path) keeps its whole text as the method.
+      const size_t slash = method.rfind('/');
+      const bool split = method.size() > 1 && method[0] == '/' && slash > 0;
+      absl::StrAppend(&out, "grpc_server_handled_total{grpc_service=\"",
+                      LabelValue(split ? method.substr(1, slash - 1) : ""), "\",grpc_method=\"",
+                      LabelValue(split ? method.substr(slash + 1) : method), "\",grpc_code=\"",
+                      absl::StatusCodeToString(static_cast<absl::StatusCode>(code)), "\"} ", count, "\n");
+    }
   }
   Header(out, "mmdit_queue_seconds", "histogram", "Denoise calls: time from arrival to the start of their pass.");
   queue_seconds_.Render("mmdit_queue_seconds", out);

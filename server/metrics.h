@@ -6,8 +6,11 @@
 #include <atomic>
 #include <deque>
 #include <functional>
+#include <map>
 #include <mutex>
+#include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace mmdit {
@@ -33,8 +36,11 @@ class ServerMetrics {
   // `queue_depth` and `running_generations` are read at each scrape.
   ServerMetrics(std::function<int64_t()> queue_depth, std::function<int64_t()> running_generations);
 
-  // One finished Denoise or Generate call, by its gRPC status code (0..16).
-  void CountRequest(int code);
+  // One finished call of `method` ("/mmdit.v1.Denoiser/Denoise"), by its gRPC status code
+  // (0..16), whoever answered it: our handlers, or gRPC itself (an oversized message, a
+  // request for an unknown method). Denoise and Generate calls also count in
+  // mmdit_requests_total.
+  void CountCall(const std::string& method, int code);
   // A Denoise call's wait from arrival to its pass.
   void ObserveQueueTime(double seconds) { queue_seconds_.Observe(seconds); }
   // One forward pass over `rows` rows and `tokens` tokens, taking `seconds`, ending at `now_s`.
@@ -60,6 +66,10 @@ class ServerMetrics {
 
   std::function<int64_t()> queue_depth_, running_generations_;
   std::array<std::atomic<uint64_t>, 17> requests_by_code_{};
+  static constexpr size_t kMaxMethods = 32;
+  mutable std::mutex calls_mutex_;
+  std::map<std::pair<std::string, int>, uint64_t> calls_;  // guarded: (method, code) -> count
+  std::set<std::string> methods_seen_;                     // guarded; at most kMaxMethods
   std::atomic<uint64_t> samples_total_{0};
   std::atomic<uint64_t> generation_steps_total_{0};
   Histogram queue_seconds_, compute_seconds_, batch_samples_, batch_tokens_;

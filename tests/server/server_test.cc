@@ -2,7 +2,10 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <future>
 #include <thread>
+
+#include <grpcpp/generic/generic_stub.h>
 
 #include "core/batch.h"
 #include "grpc/health/v1/health.grpc.pb.h"
@@ -23,6 +26,7 @@ using ::mmdit::testing::RandomSd3TinyInputs;
 using ::mmdit::testing::StartDenoise;
 using ::mmdit::testing::StartServer;
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 constexpr auto kTimeout = std::chrono::seconds(30);
 
@@ -229,6 +233,60 @@ TEST(DenoiserServer, InputsThatOverflowInsideTheModelAreRefusedAndHarmNoBatchMat
     EXPECT_LE(MaxAbsDiff(*prediction, EngineAlone("sd3_tiny", good)), 1e-5) << message;
   }
   EXPECT_EQ(server->metrics().requests_with_code(grpc::StatusCode::INVALID_ARGUMENT), 2u);
+}
+
+// Raw bytes to `method`, as a client with the wrong message (or none) would send them.
+grpc::Status CallWithBody(const DenoiserServer& server, const std::string& method, const std::string& body) {
+  auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(server.port()), grpc::InsecureChannelCredentials());
+  grpc::GenericStub stub(channel);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + kTimeout);
+  grpc::Slice slice(body);
+  const grpc::ByteBuffer request(&slice, 1);
+  grpc::ByteBuffer response;
+  std::promise<grpc::Status> done;
+  stub.UnaryCall(&context, method, grpc::StubOptions(), &request, &response,
+                 [&](grpc::Status status) { done.set_value(std::move(status)); });
+  return done.get_future().get();
+}
+
+TEST(DenoiserServer, AnUnparseableBodyIsInvalidArgumentWithAMessage) {
+  auto server = StartServer({});
+  for (const char* method : {"/mmdit.v1.Denoiser/Denoise", "/mmdit.v1.Denoiser/Generate"}) {
+    // Field 1 (a Tensor) declared 100 bytes long, with 3 present: not a message.
+    const grpc::Status status = CallWithBody(*server, method, std::string("\x0a\x64abc", 5));
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << method;
+    EXPECT_THAT(status.error_message(), HasSubstr("the request body (5 bytes) is not a valid mmdit.v1."));
+  }
+  // An empty body is a valid (empty) message: refused by validation, naming the field.
+  const grpc::Status empty = CallWithBody(*server, "/mmdit.v1.Denoiser/Denoise", "");
+  EXPECT_EQ(empty.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(empty.error_message(), HasSubstr("img_latent: missing"));
+  EXPECT_EQ(server->metrics().requests_with_code(grpc::StatusCode::INVALID_ARGUMENT), 3u);
+}
+
+// Every call that reaches the application is counted by method and code, including an unknown
+// method's. A call gRPC's core refuses before that (a message over the size limit) is not
+// visible to interceptors; it shows in the core's own count of calls started.
+TEST(DenoiserServer, MetricsCountTheCallsGrpcAnswersItself) {
+  ServerOptions options;
+  options.max_receive_message_mb = 1;
+  auto server = StartServer(options);
+  const grpc::Status oversized = CallWithBody(*server, "/mmdit.v1.Denoiser/Denoise", std::string(2 << 20, 'x'));
+  EXPECT_EQ(oversized.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << oversized.error_message();
+  // The core counts it as started, and it is in no per-code counter: it never reached us.
+  std::string page = HttpGet(server->metrics_port(), "/metrics");
+  EXPECT_THAT(page, HasSubstr("grpc_core_server_calls_total{outcome=\"started\"} 1\n"));
+  EXPECT_THAT(page, HasSubstr("mmdit_requests_total{code=\"RESOURCE_EXHAUSTED\"} 0\n"));
+  EXPECT_THAT(page, Not(HasSubstr("grpc_server_handled_total{")));
+  const grpc::Status unknown = CallWithBody(*server, "/mmdit.v1.Denoiser/NoSuchMethod", "");
+  EXPECT_EQ(unknown.error_code(), grpc::StatusCode::UNIMPLEMENTED);
+  ASSERT_TRUE(ClientFor(*server)->GetModelInfo(kTimeout).ok());
+  page = HttpGet(server->metrics_port(), "/metrics");
+  EXPECT_THAT(page, HasSubstr("grpc_core_server_calls_total{outcome=\"started\"} 3\n"));
+  EXPECT_THAT(page, HasSubstr("grpc_server_handled_total{grpc_service=\"mmdit.v1.Denoiser\",grpc_method=\"GetModelInfo\","
+                              "grpc_code=\"OK\"} 1\n"));
+  EXPECT_THAT(page, HasSubstr("grpc_method=\"NoSuchMethod\",grpc_code=\"UNIMPLEMENTED\"} 1\n"));
 }
 
 TEST(DenoiserServer, HealthFollowsTheLifeCycle) {
