@@ -91,7 +91,7 @@ std::string HttpGet(int port, const std::string& path, std::chrono::milliseconds
                              static_cast<suseconds_t>(read_timeout.count() % 1000 * 1000)};
     ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
   }
-  const std::string request = "GET " + path + " HTTP/1.0\r\nHost: localhost\r\n\r\n";
+  const std::string request = "GET " + path + " HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n";
   [[maybe_unused]] ssize_t sent = ::send(fd, request.data(), request.size(), 0);
   std::string response;
   char buffer[4096];
