@@ -31,6 +31,7 @@
 #include "client/load_generator.h"
 #include "core/npy.h"
 #include "core/status_macros.h"
+#include "nlohmann/json.hpp"
 #include "tools/batch_inputs.h"
 #include "tools/flags.h"
 
@@ -82,6 +83,31 @@ absl::Status Health(const Flags& flags) {
   return serving ? absl::OkStatus() : absl::UnavailableError("the server is not serving");
 }
 
+// Protobuf's JSON mapping prints 64-bit integers as strings (for JavaScript); people and jq
+// read numbers. Turns those of `json` (printed from a `descriptor` message) back into numbers.
+void Int64FieldsAsNumbers(nlohmann::json& json, const google::protobuf::Descriptor& descriptor) {
+  using google::protobuf::FieldDescriptor;
+  for (int i = 0; i < descriptor.field_count(); ++i) {
+    const FieldDescriptor& field = *descriptor.field(i);
+    if (!json.is_object() || !json.contains(field.name())) continue;
+    nlohmann::json& value = json[field.name()];
+    auto convert = [&field](nlohmann::json& element) {
+      if (field.cpp_type() == FieldDescriptor::CPPTYPE_MESSAGE) {
+        Int64FieldsAsNumbers(element, *field.message_type());
+      } else if (element.is_string() && field.cpp_type() == FieldDescriptor::CPPTYPE_INT64) {
+        element = std::stoll(element.get<std::string>());
+      } else if (element.is_string() && field.cpp_type() == FieldDescriptor::CPPTYPE_UINT64) {
+        element = std::stoull(element.get<std::string>());
+      }
+    };
+    if (field.is_repeated() && value.is_array()) {
+      for (nlohmann::json& element : value) convert(element);
+    } else {
+      convert(value);
+    }
+  }
+}
+
 absl::Status Info(const Flags& flags) {
   ASSIGN_OR_RETURN(auto client, Connect(flags));
   ASSIGN_OR_RETURN(v1::GetModelInfoResponse info, client->GetModelInfo(Timeout(flags)));
@@ -93,7 +119,9 @@ absl::Status Info(const Flags& flags) {
   if (!google::protobuf::util::MessageToJsonString(info, &json, print).ok()) {
     return absl::InternalError("cannot print the model info as JSON");
   }
-  std::cout << json;
+  nlohmann::json parsed = nlohmann::json::parse(json);
+  Int64FieldsAsNumbers(parsed, *info.GetDescriptor());
+  std::cout << parsed.dump(2) << "\n";
   return absl::OkStatus();
 }
 
@@ -380,6 +408,10 @@ int Main(int argc, char** argv) {
     }
     const absl::Status status = command.run(*flags);
     if (status.ok()) return 0;
+    if (IsUsageError(status)) {
+      std::cerr << "mmdit-client " << command.name << ": " << status.message() << "\n";
+      return 2;
+    }
     std::cerr << absl::StatusCodeToString(status.code()) << ": " << status.message() << "\n";
     return 1;
   }

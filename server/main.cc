@@ -69,7 +69,7 @@ absl::Status ReadOptions(const Flags& flags, ServerOptions& o) {
   o.host = flags.String("host", o.host);
   ASSIGN_OR_RETURN(int64_t port, flags.Int("port", o.port));
   ASSIGN_OR_RETURN(int64_t metrics_port, flags.Int("metrics_port", o.metrics_port));
-  if (port < 0 || port > 65535 || metrics_port > 65535) return absl::InvalidArgumentError("ports are 0..65535");
+  if (port < 0 || port > 65535 || metrics_port > 65535) return UsageError("ports are 0..65535");
   o.port = static_cast<int>(port);
   o.metrics_port = static_cast<int>(metrics_port);
   ASSIGN_OR_RETURN(o.scheduler.max_batch_samples, flags.Int("max_batch_samples", o.scheduler.max_batch_samples));
@@ -98,11 +98,11 @@ absl::Status ReadOptions(const Flags& flags, ServerOptions& o) {
                                                       {"max_receive_message_mb", o.max_receive_message_mb},
                                                       {"keepalive_time_s", o.keepalive_time_s}};
   for (const auto& [name, value] : positive) {
-    if (value < 1) return absl::InvalidArgumentError(absl::StrCat("--", name, " must be >= 1, got ", value));
+    if (value < 1) return UsageError(absl::StrCat("--", name, " must be >= 1, got ", value));
   }
   if (o.scheduler.max_queue_delay_us < 0 || o.scheduler.max_batch_tokens < 0 || o.drain_timeout_s < 0 ||
       o.max_connection_age_s < 0) {
-    return absl::InvalidArgumentError(
+    return UsageError(
         "--max_queue_delay_us, --max_batch_tokens, --drain_timeout_s and --max_connection_age_s must be >= 0");
   }
   o.tls = {flags.String("tls_cert"), flags.String("tls_key"), flags.String("tls_client_ca")};
@@ -200,8 +200,8 @@ int main(int argc, char** argv) {
   }
   const absl::Status status = mmdit::Run(*flags);
   if (!status.ok()) {
-    spdlog::error("{}", status.ToString());
-    return 1;
+    spdlog::error("{}", std::string(status.message()));
+    return mmdit::IsUsageError(status) ? 2 : 1;
   }
   return 0;
 }

@@ -9,6 +9,19 @@
 #include "core/status_macros.h"
 
 namespace mmdit {
+namespace {
+
+constexpr char kUsagePayload[] = "type.mmdit.dev/usage-error";
+
+}  // namespace
+
+absl::Status UsageError(absl::string_view message) {
+  absl::Status status = absl::InvalidArgumentError(message);
+  status.SetPayload(kUsagePayload, absl::Cord("1"));
+  return status;
+}
+
+bool IsUsageError(const absl::Status& status) { return status.GetPayload(kUsagePayload).has_value(); }
 
 std::set<std::string> FlagNames(absl::Span<const FlagSpec> specs) {
   std::set<std::string> names;
@@ -56,7 +69,7 @@ absl::StatusOr<Flags> Flags::Parse(const std::vector<std::string>& args, const s
   Flags flags;
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string& arg = args[i];
-    if (arg.rfind("--", 0) != 0) return absl::InvalidArgumentError(absl::StrCat("unexpected argument '", arg, "'"));
+    if (arg.rfind("--", 0) != 0) return UsageError(absl::StrCat("unexpected argument '", arg, "'"));
     std::string name = arg.substr(2), value;
     if (const size_t eq = name.find('='); eq != std::string::npos) {
       value = name.substr(eq + 1);
@@ -64,9 +77,9 @@ absl::StatusOr<Flags> Flags::Parse(const std::vector<std::string>& args, const s
     } else if (i + 1 < args.size()) {
       value = args[++i];
     } else {
-      return absl::InvalidArgumentError(absl::StrCat("flag --", name, " needs a value"));
+      return UsageError(absl::StrCat("flag --", name, " needs a value"));
     }
-    if (!known.contains(name)) return absl::InvalidArgumentError(absl::StrCat("unknown flag --", name));
+    if (!known.contains(name)) return UsageError(absl::StrCat("unknown flag --", name));
     flags.values_[name] = value;
   }
   return flags;
@@ -96,7 +109,7 @@ std::string Flags::String(const std::string& name, const std::string& fallback) 
 }
 
 absl::StatusOr<std::string> Flags::RequiredString(const std::string& name) const {
-  if (!Has(name)) return absl::InvalidArgumentError(absl::StrCat("missing required flag --", name));
+  if (!Has(name)) return UsageError(absl::StrCat("missing required flag --", name));
   return values_.at(name);
 }
 
@@ -104,13 +117,13 @@ absl::StatusOr<int64_t> Flags::Int(const std::string& name, int64_t fallback) co
   if (!Has(name)) return fallback;
   int64_t value;
   if (!absl::SimpleAtoi(values_.at(name), &value)) {
-    return absl::InvalidArgumentError(absl::StrCat("--", name, " must be an integer, got '", values_.at(name), "'"));
+    return UsageError(absl::StrCat("--", name, " must be an integer, got '", values_.at(name), "'"));
   }
   return value;
 }
 
 absl::StatusOr<int64_t> Flags::RequiredInt(const std::string& name) const {
-  if (!Has(name)) return absl::InvalidArgumentError(absl::StrCat("missing required flag --", name));
+  if (!Has(name)) return UsageError(absl::StrCat("missing required flag --", name));
   return Int(name, 0);
 }
 
@@ -118,7 +131,7 @@ absl::StatusOr<double> Flags::Double(const std::string& name, double fallback) c
   if (!Has(name)) return fallback;
   double value;
   if (!absl::SimpleAtod(values_.at(name), &value)) {
-    return absl::InvalidArgumentError(absl::StrCat("--", name, " must be a number, got '", values_.at(name), "'"));
+    return UsageError(absl::StrCat("--", name, " must be a number, got '", values_.at(name), "'"));
   }
   return value;
 }
@@ -127,7 +140,7 @@ absl::StatusOr<bool> Flags::Bool(const std::string& name, bool fallback) const {
   if (!Has(name)) return fallback;
   if (values_.at(name) == "true") return true;
   if (values_.at(name) == "false") return false;
-  return absl::InvalidArgumentError(absl::StrCat("--", name, " must be true or false, got '", values_.at(name), "'"));
+  return UsageError(absl::StrCat("--", name, " must be true or false, got '", values_.at(name), "'"));
 }
 
 absl::StatusOr<std::vector<int64_t>> Flags::IntList(const std::string& name) const {
@@ -135,7 +148,7 @@ absl::StatusOr<std::vector<int64_t>> Flags::IntList(const std::string& name) con
   for (absl::string_view part : absl::StrSplit(String(name), ',')) {
     int64_t value;
     if (!absl::SimpleAtoi(part, &value)) {
-      return absl::InvalidArgumentError(
+      return UsageError(
           absl::StrCat("--", name, " must be comma-separated integers, got '", String(name), "'"));
     }
     out.push_back(value);

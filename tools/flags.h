@@ -21,6 +21,11 @@ struct FlagSpec {
   const char* help;
 };
 
+// An InvalidArgument error marked as the command line's fault (a missing, unknown or malformed
+// flag): programs exit 2 for it, and 1 for every other error.
+absl::Status UsageError(absl::string_view message);
+bool IsUsageError(const absl::Status& status);
+
 // The names in `specs`, for Flags::Parse.
 std::set<std::string> FlagNames(absl::Span<const FlagSpec> specs);
 // `prefix` + `flag` in upper case: ("MMDIT_", "max_queue_size") -> MMDIT_MAX_QUEUE_SIZE.
@@ -31,7 +36,7 @@ std::string FlagUsage(absl::Span<const FlagSpec> specs, const std::string& env_p
 
 class Flags {
  public:
-  // Parses `args` (without the program and command names). Errors: InvalidArgument for an
+  // Parses `args` (without the program and command names). Errors: UsageError for an
   // unknown flag, a flag without a value, or a stray positional argument.
   static absl::StatusOr<Flags> Parse(const std::vector<std::string>& args, const std::set<std::string>& known);
 
@@ -44,12 +49,12 @@ class Flags {
   bool Has(const std::string& name) const { return values_.contains(name); }
   // The value, or `fallback` when the flag is absent.
   std::string String(const std::string& name, const std::string& fallback = "") const;
-  // Errors: InvalidArgument naming the flag when absent (Required*) or not a number.
+  // Errors: UsageError naming the flag when absent (Required*) or not a number.
   absl::StatusOr<std::string> RequiredString(const std::string& name) const;
   absl::StatusOr<int64_t> Int(const std::string& name, int64_t fallback) const;
   absl::StatusOr<int64_t> RequiredInt(const std::string& name) const;
   absl::StatusOr<double> Double(const std::string& name, double fallback) const;
-  // "true" or "false"; anything else is InvalidArgument naming the flag.
+  // "true" or "false"; anything else is a UsageError naming the flag.
   absl::StatusOr<bool> Bool(const std::string& name, bool fallback) const;
   // "16,128,128" -> {16, 128, 128}.
   absl::StatusOr<std::vector<int64_t>> IntList(const std::string& name) const;

@@ -314,7 +314,7 @@ int Main(int argc, char** argv) {
     absl::Status status = flags.ok() ? command.run(*flags) : flags.status();
     if (status.ok()) return 0;
     std::cerr << "mmdit " << command.name << ": " << status.message() << "\n";
-    return flags.ok() ? 1 : 2;
+    return IsUsageError(status) ? 2 : 1;
   }
   std::cerr << "mmdit: unknown command '" << argv[1] << "'\n" << kUsage;
   return 2;

@@ -94,6 +94,35 @@ TEST(MmditClientTool, BenchJsonLastLineHasExactlyThePromisedKeys) {
   EXPECT_TRUE(report["latency_ms"].contains("p99"));
 }
 
+// A bench whose every request fails says why, once per code, and exits non-zero (the report
+// still prints, so the counts are there to read).
+TEST(MmditClientTool, BenchThatFailsPrintsTheFirstErrorOfEachCodeAndExitsNonZero) {
+  auto server = StartServer({}, "sd3_tiny");
+  // More text tokens than the server's 512: every call refused.
+  const ToolRun run = Client("bench " + Target(*server) + " --concurrency 2 --requests 4 --latent 4,8,8 --txt_tokens 600");
+  EXPECT_EQ(run.exit_code, 1) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("errors: INVALID_ARGUMENT=4"));
+  EXPECT_THAT(run.output, HasSubstr("first INVALID_ARGUMENT: txt_embed: 600 text tokens"));
+  EXPECT_THAT(run.output, HasSubstr("4 of 4 requests failed"));
+}
+
+TEST(MmditClientTool, InfoPrints64BitIntegersAsNumbers) {
+  auto server = StartServer({}, "sd3_tiny");
+  const ToolRun run = Client("info " + Target(*server));
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  const auto info = nlohmann::json::parse(run.output);
+  EXPECT_TRUE(info["model"]["parameter_count"].is_number_integer()) << info["model"]["parameter_count"];
+  EXPECT_GT(info["model"]["parameter_count"].get<int64_t>(), 0);
+  EXPECT_EQ(info["limits"]["max_receive_message_bytes"].get<int64_t>(), int64_t{64} << 20);
+  EXPECT_EQ(info["model"]["hidden_size"].get<int64_t>(), 64);
+}
+
+TEST(MmditClientTool, AMissingRequiredFlagIsAUsageErrorExitingTwo) {
+  const ToolRun run = Client("info");
+  EXPECT_EQ(run.exit_code, 2) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("missing required flag --target"));
+}
+
 // The last line of `output`, parsed as JSON.
 nlohmann::json LastLineJson(const std::string& output) {
   const std::string trimmed = output.substr(0, output.find_last_not_of('\n') + 1);

@@ -138,12 +138,14 @@ TEST(ServerProcess, HelpListsEveryFlagWithItsEnvironmentName) {
 
 TEST(ServerProcess, RefusesBadFlagsWithUsage) {
   ServerProcess server({"--max_batch_samples", "0"}, {});
-  EXPECT_EQ(server.Terminate(), 1);
+  EXPECT_EQ(server.Terminate(), 2);  // a usage error, as an unknown flag is
   EXPECT_THAT(server.log(), ::testing::HasSubstr("--max_batch_samples must be >= 1"));
   ServerProcess unknown({"--dtipe", "bf16"}, {});
   EXPECT_EQ(unknown.Terminate(), 2);
   EXPECT_THAT(unknown.log(), ::testing::HasSubstr("unknown flag --dtipe"));
   EXPECT_THAT(unknown.log(), ::testing::HasSubstr("--dtype f32"));  // the usage follows
+  ServerProcess missing_model({"--model", "/nonexistent/model", "--port", "0", "--metrics_port", "-1"}, {});
+  EXPECT_EQ(missing_model.Terminate(), 1);  // not a usage error: the flag is fine, the directory is not
 }
 
 }  // namespace

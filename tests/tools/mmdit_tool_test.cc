@@ -106,7 +106,11 @@ TEST(MmditTool, InitInspectAndBenchASmallPreset) {
   EXPECT_EQ(info["qk_norm"], "rms_norm");
   EXPECT_EQ(info["dual_attention_layers"], nlohmann::json::array({0, 1}));
   EXPECT_EQ(info["output_size"], 64 * 64);
-  EXPECT_GT(info["parameter_count"].get<int64_t>(), 0);
+  // bf16 weights: the checkpoint is 2 bytes a parameter plus its JSON header.
+  const int64_t parameters = info["parameter_count"].get<int64_t>();
+  const int64_t file_bytes = static_cast<int64_t>(std::filesystem::file_size(dir + "/model.safetensors"));
+  EXPECT_GT(file_bytes, 2 * parameters);
+  EXPECT_LT(file_bytes, 2 * parameters + (64 << 10));
 
   run = Mmdit("bench --model " + dir +
               " --batch 2 --latent 16,8,12 --txt_tokens 5 --iters 2 --warmup 1 --threads 1 --dtype bf16");
@@ -115,8 +119,13 @@ TEST(MmditTool, InitInspectAndBenchASmallPreset) {
   for (const char* key : {"median_ms", "mean_ms", "p10_ms", "p90_ms", "gflop_per_forward", "gflops"}) {
     EXPECT_TRUE(bench.contains(key)) << key;
   }
-  EXPECT_GT(bench["gflop_per_forward"].get<double>(), 0);
   EXPECT_GT(bench["mean_ms"].get<double>(), 0);
+  // The FLOP count is per forward: two samples of one shape are twice one sample's.
+  run = Mmdit("bench --model " + dir + " --batch 1 --latent 16,8,12 --txt_tokens 5 --iters 1 --warmup 0 --threads 1");
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  const double one_sample_gflop = nlohmann::json::parse(run.output)["gflop_per_forward"].get<double>();
+  EXPECT_GT(one_sample_gflop, 2e-9 * parameters * 0.5);  // at least the products on half the weights, once
+  EXPECT_DOUBLE_EQ(bench["gflop_per_forward"].get<double>(), 2 * one_sample_gflop);
   EXPECT_EQ(bench["dtype"], "bf16");
   EXPECT_FALSE(bench.contains("throughput_over_baseline"));
 
@@ -127,8 +136,11 @@ TEST(MmditTool, InitInspectAndBenchASmallPreset) {
   const auto compared = nlohmann::json::parse(run.output);
   EXPECT_EQ(compared["baseline_batch"], 1);
   const double baseline_ms = compared["baseline_median_ms"].get<double>(), ms = compared["median_ms"].get<double>();
-  ASSERT_GT(baseline_ms, 0);
-  EXPECT_DOUBLE_EQ(compared["throughput_over_baseline"].get<double>(), (2 / ms) / (1 / baseline_ms));
+  // The baseline really ran its one sample, not the full batch: it is the faster of the two.
+  EXPECT_LT(baseline_ms, ms);
+  const double ratio = compared["throughput_over_baseline"].get<double>();
+  EXPECT_GT(ratio, 0.5);  // batching one more sample neither halves nor more than doubles samples/s
+  EXPECT_LT(ratio, 2.0);
   for (const char* bad : {"3", "0"}) {
     run = Mmdit("bench --model " + dir + " --batch 2 --baseline_batch " + bad + " --latent 16,8,12 --txt_tokens 5");
     EXPECT_EQ(run.exit_code, 1);
