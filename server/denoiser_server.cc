@@ -45,13 +45,20 @@ grpc::ByteBuffer Serialized(const google::protobuf::Message& message) {
 }
 
 // Counts every finished call by method and status code as its status is sent, including the
-// calls gRPC answers without our handlers (a message over the size limit, an unknown method).
+// calls gRPC answers without our handlers (an unknown method). A message over the size limit
+// is refused by gRPC's core before any interceptor exists (see grpc_core_server_calls_total).
+// A call that ends without sending a status (the client cancelled, its deadline passed, the
+// connection broke) is counted CANCELLED when gRPC destroys its interceptors.
 class CallCounter final : public grpc::experimental::Interceptor {
  public:
   CallCounter(std::string method, ServerMetrics& metrics) : method_(std::move(method)), metrics_(metrics) {}
+  ~CallCounter() override {
+    if (!counted_) metrics_.CountCall(method_, grpc::StatusCode::CANCELLED);
+  }
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
     if (methods->QueryInterceptionHookPoint(grpc::experimental::InterceptionHookPoints::PRE_SEND_STATUS)) {
       metrics_.CountCall(method_, methods->GetSendStatus().error_code());
+      counted_ = true;
     }
     methods->Proceed();
   }
@@ -59,6 +66,7 @@ class CallCounter final : public grpc::experimental::Interceptor {
  private:
   const std::string method_;
   ServerMetrics& metrics_;
+  bool counted_ = false;  // hooks of one call run one at a time
 };
 
 class CallCounterFactory final : public grpc::experimental::ServerInterceptorFactoryInterface {
@@ -136,6 +144,7 @@ class DenoiseCall final : public StepWork {
   // Answers the call. Only the first Finish has effect: after it, gRPC may delete the reactor.
   void Finish(const grpc::Status& status) {
     if (finished_.exchange(true)) return;
+    metrics_.CountRequest(status.error_code());
     if (!status.ok()) {
       spdlog::debug("request '{}': {} {}", request_id, static_cast<int>(status.error_code()), status.error_message());
     }
@@ -277,6 +286,7 @@ class GenerateCall final : public StepWork {
       }
       finish_now = !writing_;
     }
+    metrics_.CountRequest(status.error_code());
     if (!status.ok()) {
       spdlog::debug("generation '{}': {} {}", request_id_, static_cast<int>(status.error_code()),
                     status.error_message());

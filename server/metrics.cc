@@ -73,11 +73,13 @@ ServerMetrics::ServerMetrics(std::function<int64_t()> queue_depth, std::function
       first_step_seconds_(Exponential(1e-3, 2, 16)),    // 1 ms .. 33 s
       generation_seconds_(Exponential(10e-3, 2, 16)) {} // 10 ms .. 5.5 min
 
+void ServerMetrics::CountRequest(int code) {
+  if (code < 0 || code >= 17) code = static_cast<int>(absl::StatusCode::kUnknown);
+  requests_by_code_[code].fetch_add(1);
+}
+
 void ServerMetrics::CountCall(const std::string& method, int code) {
   if (code < 0 || code >= 17) code = static_cast<int>(absl::StatusCode::kUnknown);
-  if (method == "/mmdit.v1.Denoiser/Denoise" || method == "/mmdit.v1.Denoiser/Generate") {
-    requests_by_code_[code].fetch_add(1);
-  }
   std::lock_guard<std::mutex> lock(calls_mutex_);
   // A client chooses the method path: past a bound, new names share one series, so that a
   // flood of made-up paths cannot grow the page (or memory) without end.
@@ -121,7 +123,7 @@ void ServerMetrics::ObserveGenerationStep(double queue_seconds, double now_s) {
 
 std::string ServerMetrics::Render(double now_s) const {
   std::string out;
-  Header(out, "mmdit_requests_total", "counter", "Denoise and Generate calls finished, by gRPC status code (also those gRPC answered itself).");
+  Header(out, "mmdit_requests_total", "counter", "Denoise and Generate calls answered, by gRPC status code.");
   for (int code = 0; code < 17; ++code) {
     absl::StrAppend(&out, "mmdit_requests_total{code=\"", absl::StatusCodeToString(static_cast<absl::StatusCode>(code)),
                     "\"} ", requests_by_code_[code].load(), "\n");

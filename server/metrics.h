@@ -36,10 +36,12 @@ class ServerMetrics {
   // `queue_depth` and `running_generations` are read at each scrape.
   ServerMetrics(std::function<int64_t()> queue_depth, std::function<int64_t()> running_generations);
 
-  // One finished call of `method` ("/mmdit.v1.Denoiser/Denoise"), by its gRPC status code
-  // (0..16), whoever answered it: our handlers, or gRPC itself (an oversized message, a
-  // request for an unknown method). Denoise and Generate calls also count in
-  // mmdit_requests_total.
+  // One Denoise or Generate call answered by our handlers, by its gRPC status code (0..16):
+  // mmdit_requests_total, counted when the answer is given, so never missed by a race with
+  // the call's cancellation.
+  void CountRequest(int code);
+  // One finished call of `method` ("/mmdit.v1.Denoiser/Denoise") as gRPC's interceptors see it:
+  // every method, including gRPC's own answers (an unknown method). grpc_server_handled_total.
   void CountCall(const std::string& method, int code);
   // A Denoise call's wait from arrival to its pass.
   void ObserveQueueTime(double seconds) { queue_seconds_.Observe(seconds); }
