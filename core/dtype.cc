@@ -62,6 +62,7 @@ uint16_t FloatToHalf(float value) {
 }
 
 void ConvertToFloat(DType dtype, const void* src, int64_t count, float* dst) {
+  if (count == 0) return;  // empty tensors may come with null pointers, which memcpy may not take
   const auto* bytes = static_cast<const uint8_t*>(src);
   switch (dtype) {
     case DType::kF32:
@@ -77,6 +78,7 @@ void ConvertToFloat(DType dtype, const void* src, int64_t count, float* dst) {
 }
 
 void ConvertFromFloat(DType dtype, const float* src, int64_t count, void* dst) {
+  if (count == 0) return;  // empty tensors may come with null pointers, which memcpy may not take
   auto* bytes = static_cast<uint8_t*>(dst);
   switch (dtype) {
     case DType::kF32:

@@ -1,9 +1,9 @@
 #include "core/npy.h"
 
+#include <cctype>
 #include <cstring>
 #include <fstream>
 #include <optional>
-#include <regex>
 #include <sstream>
 
 #include "absl/strings/numbers.h"
@@ -17,12 +17,30 @@ namespace {
 constexpr char kMagic[] = "\x93NUMPY";
 constexpr size_t kMagicSize = 6;
 
-// Finds `'key': value` in the header dict and returns the raw value text.
+// Finds `'key': value` in the header dict and returns the raw value text: a quoted string, a
+// tuple, True or False. A plain scan: std::regex recursed once per character, so a long header
+// could overflow the stack (found by fuzz/npy_fuzz.cc), and was slow besides.
 std::optional<std::string> HeaderField(const std::string& header, const std::string& key) {
-  const std::regex field("'" + key + "'\\s*:\\s*('[^']*'|True|False|\\([^)]*\\))");
-  std::smatch match;
-  if (!std::regex_search(header, match, field)) return std::nullopt;
-  return match[1].str();
+  const std::string quoted_key = "'" + key + "'";
+  for (size_t at = header.find(quoted_key); at != std::string::npos; at = header.find(quoted_key, at + 1)) {
+    size_t i = at + quoted_key.size();
+    while (i < header.size() && std::isspace(static_cast<unsigned char>(header[i]))) ++i;
+    if (i >= header.size() || header[i] != ':') continue;
+    ++i;
+    while (i < header.size() && std::isspace(static_cast<unsigned char>(header[i]))) ++i;
+    if (i >= header.size()) return std::nullopt;
+    const char open = header[i];
+    if (open == '\'' || open == '(') {
+      const size_t close = header.find(open == '\'' ? '\'' : ')', i + 1);
+      if (close == std::string::npos) return std::nullopt;
+      return header.substr(i, close - i + 1);
+    }
+    for (const char* word : {"True", "False"}) {
+      if (header.compare(i, std::strlen(word), word) == 0) return std::string(word);
+    }
+    return std::nullopt;
+  }
+  return std::nullopt;
 }
 
 absl::StatusOr<Shape> ParseShapeTuple(std::string text, const std::string& what) {
@@ -99,7 +117,9 @@ absl::StatusOr<Tensor> ParseNpy(std::string_view bytes, const std::string& what)
   const int64_t count = static_cast<int64_t>(needed / item_size);
   Tensor tensor(std::move(*shape));
   if (item_size == 4) {
-    std::memcpy(tensor.data.data(), data.data(), data.size());
+    // An empty tensor (a zero dimension) has no buffer to copy into: memcpy wants pointers
+    // even for zero bytes (found by fuzz/npy_fuzz.cc under UBSan).
+    if (count > 0) std::memcpy(tensor.data.data(), data.data(), data.size());
   } else {
     for (int64_t i = 0; i < count; ++i) {
       double value;

@@ -54,5 +54,27 @@ TEST(Npy, RejectsWhatItCannotRead) {
   EXPECT_EQ(ReadNpy("/nonexistent/x.npy").status().code(), absl::StatusCode::kNotFound);
 }
 
+// A zero dimension: no elements, no data, and no copy into a buffer that does not exist
+// (UBSan flagged the memcpy; found by fuzz/npy_fuzz.cc).
+TEST(Npy, AnEmptyTensorReadsAsZeroElements) {
+  const auto result = ParseNpy(Npy("{'descr': '<f4', 'fortran_order': False, 'shape': (3, 0), }", 0), "empty.npy");
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->shape, (Shape{3, 0}));
+  EXPECT_TRUE(result->data.empty());
+}
+
+// A header of 60000 characters with an unclosed quote: refused, without deep recursion (the
+// regex this parser used overflowed the stack on such input).
+TEST(Npy, ALongUnterminatedHeaderIsRefusedNotACrash) {
+  std::string header = "{'descr': '" + std::string(60000, 'x');
+  std::string bytes = std::string("\x93NUMPY\x01\x00", 8);
+  bytes += static_cast<char>(header.size() & 0xff);
+  bytes += static_cast<char>(header.size() >> 8);
+  bytes += header;
+  const auto result = ParseNpy(bytes, "long.npy");
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(result.status().message()), HasSubstr("malformed .npy header"));
+}
+
 }  // namespace
 }  // namespace mmdit
