@@ -15,6 +15,7 @@ packages=(
   openssl                # tests generate TLS certificates
   libgtest-dev libgmock-dev  # tests
   libbenchmark-dev       # bench/
+  clang libclang-rt-14-dev  # the sanitizer stage and the fuzzers (scripts/sanitize.sh)
 )
 
 # Tools the deployment checks use, from Debian only where the machine has none already (a

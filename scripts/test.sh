@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite from a fresh Debian 12 machine: install packages, build, run ctest.
-#   scripts/test.sh            Release build in build/
+# The whole test suite from a fresh Debian 12 machine: install packages, build, run ctest,
+# then the sanitizer stage (scripts/sanitize.sh: core and server tests under ASan + UBSan, and
+# each fuzzer briefly).
+#   scripts/test.sh            Release build in build/, then scripts/sanitize.sh
+#   scripts/test.sh --release  the release tests only
 #   scripts/test.sh --asan     ASan + UBSan build in build-asan/ (run before resolving memory work)
 #   scripts/test.sh --tsan     TSan build in build-tsan/, the threaded tests (server, client, batcher)
 set -euo pipefail
@@ -16,8 +19,8 @@ case "${1:-}" in
     ./scripts/build.sh -DMMDIT_SANITIZE=thread
     export TSAN_OPTIONS="halt_on_error=1 suppressions=$PWD/tests/sanitizers/tsan.supp"
     filter=(-R "StepPolicy|StepScheduler|DenoiserServer|Generate|Tls|ServerProcess|RunLoad|ParseMix|MmditClientTool|RequestCodec|Histogram|ServerMetrics") ;;
-  "") ./scripts/build.sh ;;
-  *) echo "usage: scripts/test.sh [--asan|--tsan]" >&2; exit 2 ;;
+  ""|--release) ./scripts/build.sh ;;
+  *) echo "usage: scripts/test.sh [--release|--asan|--tsan]" >&2; exit 2 ;;
 esac
-cd "${MMDIT_BUILD_DIR:-build}"
-ctest --output-on-failure -j"$(nproc)" "${filter[@]}"
+(cd "${MMDIT_BUILD_DIR:-build}" && ctest --output-on-failure -j"$(nproc)" "${filter[@]}")
+if [ -z "${1:-}" ]; then ./scripts/sanitize.sh; fi

@@ -231,8 +231,8 @@ class GenerateCall final : public StepWork {
                                                           {"negative_pooled_text", request_.negative_pooled_text}}};
     const bool done = sampler.done();
     const bool preview = request_.preview_every > 0 && sampler.steps_taken() % request_.preview_every == 0;
-    if (absl::Status finite = CheckAnswer(absl::MakeConstSpan(&sampler.latent(), 1), done || preview ? request_.output_dtype : v1::FP32,
-                                          inputs, "latent");
+    const v1::DType checked_as = done || preview ? request_.output_dtype : v1::FP32;
+    if (absl::Status finite = CheckAnswer(absl::MakeConstSpan(&sampler.latent(), 1), checked_as, inputs, "latent");
         !finite.ok()) {
       Fail(grpc::StatusCode::INVALID_ARGUMENT, finite.message());
       return true;
