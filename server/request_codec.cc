@@ -231,7 +231,7 @@ absl::Status CheckAnswer(absl::Span<const Tensor> answer, v1::DType dtype,
     }
     // Which input is the likely cause: the one of largest magnitude (all are finite: decoding
     // refused NaN and Inf).
-    std::string largest = "none";
+    absl::string_view largest = "none";
     float largest_magnitude = -1.0f;
     for (const NamedInput& input : inputs.at(b)) {
       for (int64_t i = 0; i < input.values.NumElements(); ++i) {

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 #include "core/engine.h"
 #include "core/sampler.h"
@@ -62,7 +63,7 @@ absl::StatusOr<DecodedGenerate> DecodeGenerateRequest(const v1::GenerateRequest&
 
 // One input of a request by its field name, for naming the likely cause of an overflow.
 struct NamedInput {
-  std::string field;
+  absl::string_view field;  // a literal: building the list allocates nothing per step
   TensorView values;
 };
 
