@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The libFuzzer targets in fuzz/ (the safetensors parser, the .npy reader, config.json, and
-# Denoise/Generate request decoding), built with clang under ASan + UBSan in build-fuzz/, each
+# Denoise/Generate request decoding, reflection's answers), built with clang under ASan + UBSan in build-fuzz/, each
 # seeded from the golden files and run until the given number of executions or seconds. A
 # finding stops its target with a non-zero exit and leaves the input in build-fuzz/artifacts/.
 #   bench/fuzz.sh               1000000 executions per target (about 10 minutes on 2 cores)

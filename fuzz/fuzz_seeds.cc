@@ -1,6 +1,6 @@
-// Writes seed corpora the golden files do not give as they are: valid Denoise and Generate
-// requests for the sd3_tiny golden model, built from its golden inputs (the first byte picks
-// the message, as in request_fuzz), and small safetensors files in each stored dtype (the
+// Writes seed corpora the golden files do not give as they are: valid Denoise, Generate and
+// reflection requests (Denoise and Generate for the sd3_tiny golden model, from its golden
+// inputs; the first byte picks the message, as in request_fuzz), and small safetensors files in each stored dtype (the
 // golden checkpoints are over a megabyte, too large to mutate usefully).
 //   fuzz_seeds REQUEST_DIR SAFETENSORS_DIR
 #include <fstream>
@@ -9,6 +9,7 @@
 
 #include "core/npy.h"
 #include "core/safetensors.h"
+#include "grpc/reflection/v1/reflection.pb.h"
 #include "mmdit/v1/denoiser.pb.h"
 #include "proto/tensor_codec.h"
 
@@ -66,6 +67,16 @@ int main(int argc, char** argv) {
   generate.set_preview_every(2);
   generate.set_output_dtype(mmdit::v1::FP16);
   ok = ok && Write(out + "generate_cfg_slg", '\1', generate);
+  grpc::reflection::v1::ServerReflectionRequest reflection;
+  reflection.set_list_services("");
+  ok = ok && Write(out + "reflection_list", '\2', reflection);
+  reflection.set_file_containing_symbol("mmdit.v1.Denoiser.Denoise");
+  ok = ok && Write(out + "reflection_symbol", '\2', reflection);
+  reflection.set_file_by_filename("google/protobuf/type.proto");
+  ok = ok && Write(out + "reflection_file", '\2', reflection);
+  reflection.mutable_file_containing_extension()->set_containing_type("google.protobuf.FieldOptions");
+  reflection.mutable_file_containing_extension()->set_extension_number(1000);
+  ok = ok && Write(out + "reflection_extension", '\2', reflection);
   const mmdit::Tensor small({2, 3}, {1, -2, 3.5f, 0, 1e-3f, -7}), vector({4}, {0.5f, 1, 2, 4});
   for (mmdit::DType dtype : {mmdit::DType::kF32, mmdit::DType::kBF16, mmdit::DType::kF16}) {
     ok = ok && mmdit::WriteSafetensors(checkpoints + "small_" + mmdit::DTypeName(dtype) + ".safetensors",

@@ -620,6 +620,11 @@ absl::StatusOr<std::unique_ptr<DenoiserServer>> DenoiserServer::Start(const Serv
   server->service_ = std::make_unique<Service>(*server);
   builder.RegisterService(server->service_.get());
   builder.RegisterService(&server->health_);
+  // gRPC's plugin adds v1alpha at BuildAndStart; v1 is ours (see reflection_service.h).
+  server->reflection_ = std::make_unique<ReflectionService>(std::vector<std::string>{
+      v1::Denoiser::service_full_name(), grpc::health::v1::Health::service_full_name(),
+      grpc::reflection::v1::ServerReflection::service_full_name(), "grpc.reflection.v1alpha.ServerReflection"});
+  builder.RegisterService(server->reflection_.get());
   const std::set<int64_t> channelz_before = ChannelzServerIds();
   server->server_ = builder.BuildAndStart();
   // Ours is the one that was not there before (servers are built one at a time here).

@@ -21,6 +21,7 @@
 #include "server/health_service.h"
 #include "server/http_endpoints.h"
 #include "server/metrics.h"
+#include "server/reflection_service.h"
 #include "server/request_codec.h"
 #include "server/step_scheduler.h"
 
@@ -107,6 +108,7 @@ class DenoiserServer {
   std::unique_ptr<Engine> owned_engine_;
   HealthService health_;              // outlives server_
   std::unique_ptr<Service> service_;  // outlives server_
+  std::unique_ptr<ReflectionService> reflection_;  // outlives server_
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<HttpEndpoints> metrics_http_;
   int64_t channelz_id_ = 0;  // our server in gRPC's channelz; 0: not found

@@ -5,11 +5,13 @@
 #include <future>
 #include <thread>
 
+#include <google/protobuf/descriptor.h>
+#include <google/protobuf/descriptor.pb.h>
 #include <grpcpp/generic/generic_stub.h>
 
 #include "core/batch.h"
 #include "grpc/health/v1/health.grpc.pb.h"
-#include "mmdit_test/reflection.pb.h"
+#include "grpc/reflection/v1/reflection.grpc.pb.h"
 #include "server/denoiser_server.h"
 #include "tests/server/server_test_util.h"
 
@@ -398,27 +400,137 @@ TEST(DenoiserServer, ShutdownEndsHealthWatchStreamsWithNotServing) {
   EXPECT_EQ(seen.back(), grpc::health::v1::HealthCheckResponse::NOT_SERVING);
 }
 
-TEST(DenoiserServer, ReflectionListsTheServices) {
-  using Request = mmdit::test::reflection::ServerReflectionRequest;
-  using Response = mmdit::test::reflection::ServerReflectionResponse;
-  auto server = StartServer({});
-  auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(server->port()), grpc::InsecureChannelCredentials());
-  // What a generated ServerReflection stub does, with our copies of the messages.
-  const grpc::internal::RpcMethod method("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-                                         grpc::internal::RpcMethod::BIDI_STREAMING, channel);
-  grpc::ClientContext context;
-  std::unique_ptr<grpc::ClientReaderWriter<Request, Response>> stream(
-      grpc::internal::ClientReaderWriterFactory<Request, Response>::Create(channel.get(), method, &context));
-  Request request;
+// A reflection stream on `service` ("grpc.reflection.v1" or "grpc.reflection.v1alpha"), with v1's
+// messages: the two versions' messages are the same on the wire, and gRPC's reflection library
+// does not install v1alpha's headers.
+class ReflectionStream {
+ public:
+  using Request = grpc::reflection::v1::ServerReflectionRequest;
+  using Response = grpc::reflection::v1::ServerReflectionResponse;
+
+  ReflectionStream(const std::shared_ptr<grpc::Channel>& channel, const std::string& service)
+      : method_(("/" + service + ".ServerReflection/ServerReflectionInfo").c_str(),
+                grpc::internal::RpcMethod::BIDI_STREAMING, channel),
+        stream_(grpc::internal::ClientReaderWriterFactory<Request, Response>::Create(channel.get(), method_,
+                                                                                     &context_)) {}
+
+  Response Ask(const Request& request) {
+    Response response;
+    EXPECT_TRUE(stream_->Write(request));
+    EXPECT_TRUE(stream_->Read(&response));
+    return response;
+  }
+  grpc::Status Close() {
+    stream_->WritesDone();
+    return stream_->Finish();
+  }
+
+ private:
+  grpc::ClientContext context_;
+  const grpc::internal::RpcMethod method_;
+  std::unique_ptr<grpc::ClientReaderWriter<Request, Response>> stream_;
+};
+
+std::vector<std::string> ListedServices(ReflectionStream& stream) {
+  ReflectionStream::Request request;
   request.set_list_services("");
-  ASSERT_TRUE(stream->Write(request));
-  Response response;
-  ASSERT_TRUE(stream->Read(&response));
-  stream->WritesDone();
+  const ReflectionStream::Response response = stream.Ask(request);  // the loop below must not outlive it
   std::vector<std::string> names;
   for (const auto& service : response.list_services_response().service()) names.push_back(service.name());
-  EXPECT_THAT(names, ::testing::IsSupersetOf({"mmdit.v1.Denoiser", "grpc.health.v1.Health"}));
-  EXPECT_TRUE(stream->Finish().ok());
+  return names;
+}
+
+std::vector<std::string> FileNames(const ReflectionStream::Response& response) {
+  std::vector<std::string> names;
+  for (const std::string& bytes : response.file_descriptor_response().file_descriptor_proto()) {
+    google::protobuf::FileDescriptorProto file;
+    EXPECT_TRUE(file.ParseFromString(bytes));
+    names.push_back(file.name());
+  }
+  return names;
+}
+
+TEST(DenoiserServer, ReflectionV1AndV1AlphaListTheSameServices) {
+  auto server = StartServer({});
+  auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(server->port()), grpc::InsecureChannelCredentials());
+  ReflectionStream v1(channel, "grpc.reflection.v1"), v1alpha(channel, "grpc.reflection.v1alpha");
+  const std::vector<std::string> names = ListedServices(v1);
+  EXPECT_THAT(names, ::testing::UnorderedElementsAre("mmdit.v1.Denoiser", "grpc.health.v1.Health",
+                                                     "grpc.reflection.v1.ServerReflection",
+                                                     "grpc.reflection.v1alpha.ServerReflection"));
+  EXPECT_THAT(ListedServices(v1alpha), ::testing::UnorderedElementsAreArray(names));
+  EXPECT_TRUE(v1.Close().ok());
+  EXPECT_TRUE(v1alpha.Close().ok());
+}
+
+// What grpcurl does to call a method it has never seen: fetch the file that defines the service,
+// build descriptors from it, find the method and its message types.
+TEST(DenoiserServer, ReflectionV1DescribesTheApi) {
+  auto server = StartServer({});
+  auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(server->port()), grpc::InsecureChannelCredentials());
+  ReflectionStream stream(channel, "grpc.reflection.v1");
+  ReflectionStream::Request request;
+  request.set_host("localhost");
+  request.set_file_containing_symbol("mmdit.v1.Denoiser.Denoise");
+  const ReflectionStream::Response response = stream.Ask(request);
+  EXPECT_EQ(response.valid_host(), "localhost");
+  EXPECT_EQ(response.original_request().file_containing_symbol(), "mmdit.v1.Denoiser.Denoise");
+  ASSERT_THAT(FileNames(response), ::testing::ElementsAre("mmdit/v1/denoiser.proto"));
+  google::protobuf::FileDescriptorProto file;
+  ASSERT_TRUE(file.ParseFromString(response.file_descriptor_response().file_descriptor_proto(0)));
+  google::protobuf::DescriptorPool pool;
+  const google::protobuf::FileDescriptor* built = pool.BuildFile(file);
+  ASSERT_NE(built, nullptr);
+  const google::protobuf::MethodDescriptor* denoise = pool.FindMethodByName("mmdit.v1.Denoiser.Denoise");
+  ASSERT_NE(denoise, nullptr);
+  EXPECT_EQ(denoise->input_type()->full_name(), "mmdit.v1.DenoiseRequest");
+  EXPECT_NE(denoise->input_type()->FindFieldByName("img_latent"), nullptr);
+  EXPECT_NE(pool.FindMethodByName("mmdit.v1.Denoiser.Generate"), nullptr);
+  EXPECT_TRUE(stream.Close().ok());
+}
+
+TEST(DenoiserServer, ReflectionV1SendsEachDependencyOncePerStream) {
+  auto server = StartServer({});
+  auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(server->port()), grpc::InsecureChannelCredentials());
+  ReflectionStream stream(channel, "grpc.reflection.v1");
+  ReflectionStream::Request request;
+  request.set_file_by_filename("google/protobuf/type.proto");  // imports any.proto and source_context.proto
+  EXPECT_THAT(FileNames(stream.Ask(request)),
+              ::testing::UnorderedElementsAre("google/protobuf/type.proto", "google/protobuf/any.proto",
+                                              "google/protobuf/source_context.proto"));
+  EXPECT_THAT(FileNames(stream.Ask(request)), ::testing::ElementsAre("google/protobuf/type.proto"));
+  request.set_file_containing_symbol("google.protobuf.Any");
+  EXPECT_THAT(FileNames(stream.Ask(request)), ::testing::ElementsAre("google/protobuf/any.proto"));
+  request.set_all_extension_numbers_of_type("google.protobuf.Any");
+  const ReflectionStream::Response numbers = stream.Ask(request);
+  EXPECT_EQ(numbers.all_extension_numbers_response().base_type_name(), "google.protobuf.Any");
+  EXPECT_TRUE(numbers.all_extension_numbers_response().extension_number().empty());
+  EXPECT_TRUE(stream.Close().ok());
+}
+
+TEST(DenoiserServer, ReflectionV1NamesWhatItCannotFind) {
+  auto server = StartServer({});
+  auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(server->port()), grpc::InsecureChannelCredentials());
+  ReflectionStream stream(channel, "grpc.reflection.v1");
+  ReflectionStream::Request request;
+  request.set_file_containing_symbol("mmdit.v1.NoSuchThing");
+  ReflectionStream::Response response = stream.Ask(request);
+  EXPECT_EQ(response.error_response().error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_THAT(response.error_response().error_message(), HasSubstr("mmdit.v1.NoSuchThing"));
+  request.set_file_by_filename("nope.proto");
+  response = stream.Ask(request);
+  EXPECT_EQ(response.error_response().error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_THAT(response.error_response().error_message(), HasSubstr("file_by_filename"));
+  request.mutable_file_containing_extension()->set_containing_type("mmdit.v1.DenoiseRequest");
+  request.mutable_file_containing_extension()->set_extension_number(1000);
+  response = stream.Ask(request);
+  EXPECT_EQ(response.error_response().error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_THAT(response.error_response().error_message(), HasSubstr("has no extension 1000"));
+  response = stream.Ask(ReflectionStream::Request());
+  EXPECT_EQ(response.error_response().error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  // The stream still answers after its errors.
+  EXPECT_THAT(ListedServices(stream), ::testing::Contains("mmdit.v1.Denoiser"));
+  EXPECT_TRUE(stream.Close().ok());
 }
 
 }  // namespace
