@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -15,6 +16,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "core/status_macros.h"
+#include "server/inference_codec.h"
+#include "inference/grpc_predict_v2.grpc.pb.h"
 #include "mmdit/v1/denoiser.grpc.pb.h"
 #include "nlohmann/json.hpp"
 
@@ -123,13 +126,22 @@ class DenoiseCall final : public StepWork {
       Finish(ToGrpc(finite));
       return true;
     }
-    v1::DenoiseResponse response;
-    EncodePrediction(outputs, request.output_dtype, response.mutable_prediction());
-    response.set_request_id(request_id);
-    response.set_queue_us(pass.start_us - arrival_us);
-    response.set_compute_us(pass.end_us - pass.start_us);
-    response.set_batch_samples(pass.rows);
-    *wire_response = Serialized(response);
+    if (infer_model_name.empty()) {
+      v1::DenoiseResponse response;
+      EncodePrediction(outputs, request.output_dtype, response.mutable_prediction());
+      response.set_request_id(request_id);
+      response.set_queue_us(pass.start_us - arrival_us);
+      response.set_compute_us(pass.end_us - pass.start_us);
+      response.set_batch_samples(pass.rows);
+      *wire_response = Serialized(response);
+    } else {
+      inference::ModelInferResponse response;
+      response.set_model_name(infer_model_name);
+      response.set_model_version("1");
+      response.set_id(request_id);
+      EncodeInferResponse(outputs, request.output_dtype, response);
+      *wire_response = Serialized(response);
+    }
     metrics_.ObserveQueueTime((pass.start_us - arrival_us) / 1e6);
     spdlog::debug("request '{}': {} samples, queue {} us, compute {} us", request_id, outputs.size(),
                   pass.start_us - arrival_us, pass.end_us - pass.start_us);
@@ -167,7 +179,8 @@ class DenoiseCall final : public StepWork {
   DecodedRequest request;
   grpc::ByteBuffer* const wire_response;  // owned by gRPC, valid until Finish
   const int64_t arrival_us;
-  std::string request_id;  // once parsed
+  std::string request_id;        // once parsed
+  std::string infer_model_name;  // set: a ModelInfer call, answered as ModelInferResponse
 
  private:
   ServerMetrics& metrics_;
@@ -459,29 +472,34 @@ class DenoiserServer::Service final
       call->Finish(ToGrpc(status));
       return reactor;
     }
-    const v1::DenoiseRequest* request = &parsed;
-    call->request_id = request->request_id();
+    AdmitDenoise(parsed, deadline_us, call);
+    return reactor;
+  }
+
+  // Decodes `request` into `call` and queues it, or answers the call with the error. Denoise's
+  // path, and ModelInfer's once its request is a DenoiseRequest.
+  void AdmitDenoise(const v1::DenoiseRequest& request, int64_t deadline_us, const std::shared_ptr<DenoiseCall>& call) {
+    call->request_id = request.request_id();
     const Engine* engine = server_.engine_.load(std::memory_order_acquire);
     if (engine == nullptr) {
       call->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is still loading; retry shortly"));
-      return reactor;
+      return;
     }
-    absl::StatusOr<DecodedRequest> decoded = DecodeRequest(*request, *engine, server_.options_.limits);
+    absl::StatusOr<DecodedRequest> decoded = DecodeRequest(request, *engine, server_.options_.limits);
     if (!decoded.ok()) {
       call->Finish(ToGrpc(decoded.status()));
-      return reactor;
+      return;
     }
     call->request = *std::move(decoded);
     WorkItem item;
     item.rows = static_cast<int64_t>(call->request.samples.size());
     item.tokens = call->request.tokens;
     item.deadline_us = deadline_us;
-    item.wait_for_batch = request->wait_for_batch();
+    item.wait_for_batch = request.wait_for_batch();
     item.call = call;
     if (absl::StatusOr<uint64_t> id = server_.scheduler_.Enqueue(std::move(item)); !id.ok()) {
       call->Finish(ToGrpc(id.status()));
     }
-    return reactor;
   }
 
   grpc::ServerWriteReactor<grpc::ByteBuffer>* Generate(grpc::CallbackServerContext* context,
@@ -588,8 +606,149 @@ class DenoiserServer::Service final
 
 // ---------------------------------------------------------------------------------------------
 
+// The Open Inference Protocol (KServe v2) on the same port. ModelInfer is a Denoise call in the
+// protocol's tensors: same validation, same queue and passes, same answer. Readiness is health's.
+class DenoiserServer::InferenceService final
+    : public inference::GRPCInferenceService::WithRawCallbackMethod_ModelInfer<
+          inference::GRPCInferenceService::CallbackService> {
+ public:
+  explicit InferenceService(DenoiserServer& server) : server_(server) {}
+
+  grpc::ServerUnaryReactor* ServerLive(grpc::CallbackServerContext* context, const inference::ServerLiveRequest*,
+                                       inference::ServerLiveResponse* response) override {
+    response->set_live(true);  // answering at all is being live
+    return Done(context, grpc::Status::OK);
+  }
+
+  grpc::ServerUnaryReactor* ServerReady(grpc::CallbackServerContext* context, const inference::ServerReadyRequest*,
+                                        inference::ServerReadyResponse* response) override {
+    response->set_ready(server_.health_.serving());
+    return Done(context, grpc::Status::OK);
+  }
+
+  grpc::ServerUnaryReactor* ModelReady(grpc::CallbackServerContext* context,
+                                       const inference::ModelReadyRequest* request,
+                                       inference::ModelReadyResponse* response) override {
+    // A model this server does not serve is not ready (Triton answers so too, without an error).
+    response->set_ready(Known(request->name(), request->version()).ok() && server_.health_.serving());
+    return Done(context, grpc::Status::OK);
+  }
+
+  grpc::ServerUnaryReactor* ServerMetadata(grpc::CallbackServerContext* context,
+                                           const inference::ServerMetadataRequest*,
+                                           inference::ServerMetadataResponse* response) override {
+    response->set_name("mmdit-serve");
+    response->set_version(MMDIT_SERVE_VERSION);
+    return Done(context, grpc::Status::OK);
+  }
+
+  grpc::ServerUnaryReactor* ModelMetadata(grpc::CallbackServerContext* context,
+                                          const inference::ModelMetadataRequest* request,
+                                          inference::ModelMetadataResponse* response) override {
+    if (absl::Status known = Known(request->name(), request->version()); !known.ok()) {
+      return Done(context, ToGrpc(known));
+    }
+    const Engine* engine = server_.engine_.load(std::memory_order_acquire);
+    if (engine == nullptr) {
+      return Done(context, grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is still loading; retry shortly"));
+    }
+    const ModelConfig& c = engine->config();
+    response->set_name(server_.model_name_);
+    response->add_versions("1");
+    response->set_platform("mmdit");
+    // -1: any size. The batch is every tensor's first dimension. Image form where the model has
+    // a position table ([B, C, H, W]), else token form ([B, N, img_dim]); FP16 and BF16 are
+    // accepted too (GetModelInfo lists them), FP32 is what metadata has room to say.
+    const std::vector<int64_t> latent =
+        c.has_positions() ? std::vector<int64_t>{-1, c.in_channels, -1, -1} : std::vector<int64_t>{-1, -1, c.patch_features()};
+    const std::vector<int64_t> prediction =
+        c.has_positions() ? std::vector<int64_t>{-1, c.out_channels, -1, -1} : std::vector<int64_t>{-1, -1, c.patch_features()};
+    const std::pair<absl::string_view, std::vector<int64_t>> inputs[] = {
+        {"img_latent", latent},
+        {"txt_embed", {-1, -1, c.joint_attention_dim}},
+        {"timestep", {-1}},
+        {"pooled_text", {-1, c.pooled_projection_dim}}};
+    for (const auto& [name, shape] : inputs) {
+      auto* input = response->add_inputs();
+      input->set_name(std::string(name));
+      input->set_datatype("FP32");
+      for (int64_t dim : shape) input->add_shape(dim);
+    }
+    auto* output = response->add_outputs();
+    output->set_name(std::string(kInferOutputName));
+    output->set_datatype("FP32");
+    for (int64_t dim : prediction) output->add_shape(dim);
+    return Done(context, grpc::Status::OK);
+  }
+
+  grpc::ServerUnaryReactor* ModelInfer(grpc::CallbackServerContext* context, const grpc::ByteBuffer* wire_request,
+                                       grpc::ByteBuffer* wire_response) override {
+    const int64_t arrival_us = server_.clock_.NowUs();
+    const int64_t deadline_us = DeadlineUs(*context, arrival_us);
+    auto call = std::make_shared<DenoiseCall>(wire_response, *server_.metrics_, arrival_us);
+    auto* reactor = new DenoiseReactor(call, server_.scheduler_);
+    call->set_reactor(reactor);
+    call->infer_model_name = server_.model_name_;
+    inference::ModelInferRequest parsed;
+    if (absl::Status status = ParseRequest(*wire_request, parsed); !status.ok()) {
+      call->Finish(ToGrpc(status));
+      return reactor;
+    }
+    call->request_id = parsed.id();
+    if (absl::Status known = Known(parsed.model_name(), parsed.model_version()); !known.ok()) {
+      call->Finish(ToGrpc(known));
+      return reactor;
+    }
+    absl::StatusOr<v1::DenoiseRequest> denoise = DenoiseRequestFromInfer(parsed);
+    if (!denoise.ok()) {
+      call->Finish(ToGrpc(denoise.status()));
+      return reactor;
+    }
+    parsed.Clear();  // the tensors now live in `denoise`; don't hold them twice while queued
+    server_.service_->AdmitDenoise(*denoise, deadline_us, call);
+    return reactor;
+  }
+
+ private:
+  // NOT_FOUND unless `name` is our model and `version` is empty or "1".
+  absl::Status Known(const std::string& name, const std::string& version) const {
+    if (name != server_.model_name_) {
+      return absl::NotFoundError(absl::StrCat("unknown model \"", name, "\"; this server serves \"",
+                                              server_.model_name_, "\""));
+    }
+    if (!version.empty() && version != "1") {
+      return absl::NotFoundError(absl::StrCat("model \"", name, "\" has no version \"", version, "\"; it has \"1\""));
+    }
+    return absl::OkStatus();
+  }
+
+  static grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* context, const grpc::Status& status) {
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    reactor->Finish(status);
+    return reactor;
+  }
+
+  DenoiserServer& server_;
+};
+
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+// The model's name when none is given: the model directory's last part ("models/sd3/" -> "sd3").
+std::string ModelName(const ServerOptions& options) {
+  if (!options.model_name.empty()) return options.model_name;
+  std::filesystem::path dir(options.model_dir);
+  if (!dir.has_filename()) dir = dir.parent_path();  // a trailing separator
+  const std::string last = dir.filename().string();
+  return last.empty() || last == "." || last == ".." ? "mmdit" : last;
+}
+
+}  // namespace
+
 DenoiserServer::DenoiserServer(const ServerOptions& options)
     : options_(options),
+      model_name_(ModelName(options)),
       scheduler_(options.scheduler, clock_),
       metrics_(std::make_unique<ServerMetrics>([this] { return scheduler_.queue_size(); },
                                                [this] { return scheduler_.running_generations(); })) {}
@@ -620,9 +779,12 @@ absl::StatusOr<std::unique_ptr<DenoiserServer>> DenoiserServer::Start(const Serv
   server->service_ = std::make_unique<Service>(*server);
   builder.RegisterService(server->service_.get());
   builder.RegisterService(&server->health_);
+  server->inference_ = std::make_unique<InferenceService>(*server);
+  builder.RegisterService(server->inference_.get());
   // gRPC's plugin adds v1alpha at BuildAndStart; v1 is ours (see reflection_service.h).
   server->reflection_ = std::make_unique<ReflectionService>(std::vector<std::string>{
-      v1::Denoiser::service_full_name(), grpc::health::v1::Health::service_full_name(),
+      v1::Denoiser::service_full_name(), inference::GRPCInferenceService::service_full_name(),
+      grpc::health::v1::Health::service_full_name(),
       grpc::reflection::v1::ServerReflection::service_full_name(), "grpc.reflection.v1alpha.ServerReflection"});
   builder.RegisterService(server->reflection_.get());
   const std::set<int64_t> channelz_before = ChannelzServerIds();

@@ -50,6 +50,8 @@ struct TlsOptions {
 
 struct ServerOptions {
   std::string model_dir;  // reported by GetModelInfo
+  // The model's name in the Open Inference Protocol (version "1"); empty: model_dir's last part.
+  std::string model_name;
   std::string host = "0.0.0.0";
   int port = 50051;         // 0: any free port (see DenoiserServer::port())
   int metrics_port = 9090;  // 0: any free port; < 0: no metrics endpoint
@@ -92,7 +94,8 @@ class DenoiserServer {
   const ServerMetrics& metrics() const { return *metrics_; }
   std::string RenderMetrics() const;
 
-  class Service;  // the mmdit.v1.Denoiser callback service (denoiser_server.cc)
+  class Service;           // the mmdit.v1.Denoiser callback service (denoiser_server.cc)
+  class InferenceService;  // inference.GRPCInferenceService, on Denoise's path (denoiser_server.cc)
 
  private:
   explicit DenoiserServer(const ServerOptions& options);
@@ -100,6 +103,7 @@ class DenoiserServer {
   void RunPass(PassPlan& plan);
 
   const ServerOptions options_;
+  const std::string model_name_;  // options_.model_name, or model_dir's last part
   SteadyClock clock_;
   StepScheduler scheduler_;
   std::unique_ptr<ServerMetrics> metrics_;
@@ -108,6 +112,7 @@ class DenoiserServer {
   std::unique_ptr<Engine> owned_engine_;
   HealthService health_;              // outlives server_
   std::unique_ptr<Service> service_;  // outlives server_
+  std::unique_ptr<InferenceService> inference_;    // outlives server_
   std::unique_ptr<ReflectionService> reflection_;  // outlives server_
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<HttpEndpoints> metrics_http_;

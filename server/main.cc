@@ -27,6 +27,7 @@ constexpr FlagSpec kFlagSpecs[] = {
     {"model", "DIR",
      "model directory: config.json and safetensors (default models/seed-default, created with RANDOM weights "
      "if absent)"},
+    {"model_name", "NAME", "the model's name in the Open Inference Protocol (default: the model directory's last part)"},
     {"host", "0.0.0.0", "address to listen on"},
     {"port", "50051", "gRPC port (0: any free port, logged)"},
     {"metrics_port", "9090", "HTTP port for /metrics, /healthz and /readyz (0: any free port, -1: off)"},
@@ -130,6 +131,7 @@ absl::Status Run(const Flags& flags) {
   RETURN_IF_ERROR(ReadOptions(flags, options));
   const bool default_model = !flags.Has("model");
   options.model_dir = default_model ? kDefaultModelDir : flags.String("model");
+  options.model_name = flags.String("model_name", "");
   ASSIGN_OR_RETURN(int64_t threads, flags.Int("threads", 0));
   if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
 

@@ -18,6 +18,7 @@
 namespace mmdit {
 namespace {
 
+using ::mmdit::testing::CallWithBody;
 using ::mmdit::testing::ClientFor;
 using ::mmdit::testing::Eventually;
 using ::mmdit::testing::GoldenDir;
@@ -247,21 +248,6 @@ TEST(DenoiserServer, InputsThatOverflowInsideTheModelAreRefusedAndHarmNoBatchMat
   EXPECT_EQ(server->metrics().requests_with_code(grpc::StatusCode::INVALID_ARGUMENT), 2u);
 }
 
-// Raw bytes to `method`, as a client with the wrong message (or none) would send them.
-grpc::Status CallWithBody(const DenoiserServer& server, const std::string& method, const std::string& body) {
-  auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(server.port()), grpc::InsecureChannelCredentials());
-  grpc::GenericStub stub(channel);
-  grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + kTimeout);
-  grpc::Slice slice(body);
-  const grpc::ByteBuffer request(&slice, 1);
-  grpc::ByteBuffer response;
-  std::promise<grpc::Status> done;
-  stub.UnaryCall(&context, method, grpc::StubOptions(), &request, &response,
-                 [&](grpc::Status status) { done.set_value(std::move(status)); });
-  return done.get_future().get();
-}
-
 TEST(DenoiserServer, AnUnparseableBodyIsInvalidArgumentWithAMessage) {
   auto server = StartServer({});
   for (const char* method : {"/mmdit.v1.Denoiser/Denoise", "/mmdit.v1.Denoiser/Generate"}) {
@@ -455,7 +441,8 @@ TEST(DenoiserServer, ReflectionV1AndV1AlphaListTheSameServices) {
   auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(server->port()), grpc::InsecureChannelCredentials());
   ReflectionStream v1(channel, "grpc.reflection.v1"), v1alpha(channel, "grpc.reflection.v1alpha");
   const std::vector<std::string> names = ListedServices(v1);
-  EXPECT_THAT(names, ::testing::UnorderedElementsAre("mmdit.v1.Denoiser", "grpc.health.v1.Health",
+  EXPECT_THAT(names, ::testing::UnorderedElementsAre("mmdit.v1.Denoiser", "inference.GRPCInferenceService",
+                                                     "grpc.health.v1.Health",
                                                      "grpc.reflection.v1.ServerReflection",
                                                      "grpc.reflection.v1alpha.ServerReflection"));
   EXPECT_THAT(ListedServices(v1alpha), ::testing::UnorderedElementsAreArray(names));

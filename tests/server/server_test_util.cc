@@ -1,5 +1,7 @@
 #include "tests/server/server_test_util.h"
 
+#include <grpcpp/generic/generic_stub.h>
+
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <sys/socket.h>
@@ -13,6 +15,7 @@ std::unique_ptr<DenoiserServer> StartServer(ServerOptions options, const std::st
   options.host = "127.0.0.1";
   options.port = 0;
   options.metrics_port = 0;
+  if (options.model_dir.empty()) options.model_dir = GoldenDir(golden);  // names the model: "sd3_tiny"
   auto server = DenoiserServer::Start(options);
   EXPECT_TRUE(server.ok()) << server.status();
   if (!server.ok()) return nullptr;
@@ -101,6 +104,21 @@ std::string HttpGet(int port, const std::string& path, std::chrono::milliseconds
   }
   ::close(fd);
   return response;
+}
+
+// Raw bytes to `method`, as a client with the wrong message (or none) would send them.
+grpc::Status CallWithBody(const DenoiserServer& server, const std::string& method, const std::string& body) {
+  auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(server.port()), grpc::InsecureChannelCredentials());
+  grpc::GenericStub stub(channel);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  grpc::Slice slice(body);
+  const grpc::ByteBuffer request(&slice, 1);
+  grpc::ByteBuffer response;
+  std::promise<grpc::Status> done;
+  stub.UnaryCall(&context, method, grpc::StubOptions(), &request, &response,
+                 [&](grpc::Status status) { done.set_value(std::move(status)); });
+  return done.get_future().get();
 }
 
 }  // namespace mmdit::testing

@@ -50,6 +50,10 @@ bool Eventually(const std::function<bool()>& condition, std::chrono::millisecond
 std::string HttpGet(int port, const std::string& path,
                     std::chrono::milliseconds read_timeout = std::chrono::milliseconds(0));
 
+// Raw bytes to `method` (e.g. "/mmdit.v1.Denoiser/Denoise"), as a client with the wrong message
+// (or none) would send them; its status.
+grpc::Status CallWithBody(const DenoiserServer& server, const std::string& method, const std::string& body);
+
 // A TCP connection to 127.0.0.1:`port` that sends nothing, closed on destruction.
 class IdleConnection {
  public:
