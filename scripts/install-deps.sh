@@ -16,6 +16,8 @@ packages=(
   libgtest-dev libgmock-dev  # tests
   libbenchmark-dev       # bench/
   clang libclang-rt-14-dev  # the sanitizer stage and the fuzzers (scripts/sanitize.sh)
+  python3-grpcio python3-protobuf python3-numpy python3-pytest  # the Python client and its tests
+  python3-torch          # RemoteTransformer's torch path in tests/python (and training, later)
 )
 
 # Tools the deployment checks use, from Debian only where the machine has none already (a
