@@ -106,8 +106,8 @@ StepWork& WorkOf(const WorkItem& item) { return static_cast<StepWork&>(*item.cal
 // One Denoise call from arrival to answer.
 class DenoiseCall final : public StepWork {
  public:
-  DenoiseCall(grpc::ByteBuffer* wire_response, ServerMetrics& metrics, int64_t arrival_us)
-      : wire_response(wire_response), arrival_us(arrival_us), metrics_(metrics) {}
+  DenoiseCall(grpc::ByteBuffer* wire_response, ServerMetrics& metrics, const Clock& clock, int64_t arrival_us)
+      : wire_response(wire_response), arrival_us(arrival_us), metrics_(metrics), clock_(clock) {}
 
   bool IsCancelled() const override { return cancelled_.load(std::memory_order_acquire); }
   void MarkCancelled() { cancelled_.store(true, std::memory_order_release); }
@@ -143,6 +143,8 @@ class DenoiseCall final : public StepWork {
       *wire_response = Serialized(response);
     }
     metrics_.ObserveQueueTime((pass.start_us - arrival_us) / 1e6);
+    metrics_.ObserveInference(true, static_cast<int64_t>(outputs.size()), pass.end_us - arrival_us,
+                              pass.start_us - arrival_us, pass.end_us - pass.start_us);
     spdlog::debug("request '{}': {} samples, queue {} us, compute {} us", request_id, outputs.size(),
                   pass.start_us - arrival_us, pass.end_us - pass.start_us);
     Finish(grpc::Status::OK);
@@ -158,6 +160,7 @@ class DenoiseCall final : public StepWork {
     if (finished_.exchange(true)) return;
     metrics_.CountRequest(status.error_code());
     if (!status.ok()) {
+      metrics_.ObserveInference(false, 0, clock_.NowUs() - arrival_us, 0, 0);
       spdlog::debug("request '{}': {} {}", request_id, static_cast<int>(status.error_code()), status.error_message());
     }
     reactor_->Finish(status);
@@ -184,6 +187,7 @@ class DenoiseCall final : public StepWork {
 
  private:
   ServerMetrics& metrics_;
+  const Clock& clock_;
   grpc::ServerUnaryReactor* reactor_ = nullptr;
   std::atomic<bool> cancelled_{false};
   std::atomic<bool> finished_{false};
@@ -464,7 +468,7 @@ class DenoiserServer::Service final
                                     grpc::ByteBuffer* wire_response) override {
     const int64_t arrival_us = server_.clock_.NowUs();
     const int64_t deadline_us = DeadlineUs(*context, arrival_us);  // before decoding eats into it
-    auto call = std::make_shared<DenoiseCall>(wire_response, *server_.metrics_, arrival_us);
+    auto call = std::make_shared<DenoiseCall>(wire_response, *server_.metrics_, server_.clock_, arrival_us);
     auto* reactor = new DenoiseReactor(call, server_.scheduler_);
     call->set_reactor(reactor);
     v1::DenoiseRequest parsed;
@@ -639,6 +643,8 @@ class DenoiserServer::InferenceService final
                                            inference::ServerMetadataResponse* response) override {
     response->set_name("mmdit-serve");
     response->set_version(MMDIT_SERVE_VERSION);
+    response->add_extensions("model_configuration");  // Triton's names for ModelConfig
+    response->add_extensions("statistics");           // and ModelStatistics
     return Done(context, grpc::Status::OK);
   }
 
@@ -652,17 +658,17 @@ class DenoiserServer::InferenceService final
     if (engine == nullptr) {
       return Done(context, grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is still loading; retry shortly"));
     }
-    const ModelConfig& c = engine->config();
+    const mmdit::ModelConfig& c = engine->config();  // (ModelConfig alone is the RPC, in this class)
     response->set_name(server_.model_name_);
     response->add_versions("1");
     response->set_platform("mmdit");
     // -1: any size. The batch is every tensor's first dimension. Image form where the model has
     // a position table ([B, C, H, W]), else token form ([B, N, img_dim]); FP16 and BF16 are
     // accepted too (GetModelInfo lists them), FP32 is what metadata has room to say.
-    const std::vector<int64_t> latent =
-        c.has_positions() ? std::vector<int64_t>{-1, c.in_channels, -1, -1} : std::vector<int64_t>{-1, -1, c.patch_features()};
-    const std::vector<int64_t> prediction =
-        c.has_positions() ? std::vector<int64_t>{-1, c.out_channels, -1, -1} : std::vector<int64_t>{-1, -1, c.patch_features()};
+    const std::vector<int64_t> latent = c.has_positions() ? std::vector<int64_t>{-1, c.in_channels, -1, -1}
+                                                          : std::vector<int64_t>{-1, -1, c.patch_features()};
+    const std::vector<int64_t> prediction = c.has_positions() ? std::vector<int64_t>{-1, c.out_channels, -1, -1}
+                                                              : std::vector<int64_t>{-1, -1, c.patch_features()};
     const std::pair<absl::string_view, std::vector<int64_t>> inputs[] = {
         {"img_latent", latent},
         {"txt_embed", {-1, -1, c.joint_attention_dim}},
@@ -681,11 +687,87 @@ class DenoiserServer::InferenceService final
     return Done(context, grpc::Status::OK);
   }
 
+  // Triton's model_configuration extension: what perf_analyzer reads to shape its requests.
+  // Dimensions exclude the batch (max_batch_size > 0); timestep is dims [1] reshaped to [],
+  // so Triton's tools send [B, 1], which ModelInfer accepts as [B].
+  grpc::ServerUnaryReactor* ModelConfig(grpc::CallbackServerContext* context,
+                                        const inference::ModelConfigRequest* request,
+                                        inference::ModelConfigResponse* response) override {
+    if (absl::Status known = Known(request->name(), request->version()); !known.ok()) {
+      return Done(context, ToGrpc(known));
+    }
+    const Engine* engine = server_.engine_.load(std::memory_order_acquire);
+    if (engine == nullptr) {
+      return Done(context, grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is still loading; retry shortly"));
+    }
+    const mmdit::ModelConfig& c = engine->config();
+    const ServerOptions& o = server_.options_;
+    inference::ModelConfig* config = response->mutable_config();
+    config->set_name(server_.model_name_);
+    config->set_platform("mmdit");
+    config->set_backend("mmdit");
+    config->set_max_batch_size(
+        static_cast<int32_t>(std::min(o.limits.max_samples_per_request, o.scheduler.max_batch_samples)));
+    const std::vector<int64_t> latent = c.has_positions() ? std::vector<int64_t>{c.in_channels, -1, -1}
+                                                          : std::vector<int64_t>{-1, c.patch_features()};
+    const std::pair<absl::string_view, std::vector<int64_t>> inputs[] = {
+        {"img_latent", latent},
+        {"txt_embed", {-1, c.joint_attention_dim}},
+        {"timestep", {1}},
+        {"pooled_text", {c.pooled_projection_dim}}};
+    for (const auto& [name, dims] : inputs) {
+      inference::ModelInput* input = config->add_input();
+      input->set_name(std::string(name));
+      input->set_data_type(inference::TYPE_FP32);
+      for (int64_t dim : dims) input->add_dims(dim);
+      if (name == "timestep") input->mutable_reshape();  // [1] -> [] per sample
+    }
+    inference::ModelOutput* output = config->add_output();
+    output->set_name(std::string(kInferOutputName));
+    output->set_data_type(inference::TYPE_FP32);
+    const std::vector<int64_t> prediction = c.has_positions() ? std::vector<int64_t>{c.out_channels, -1, -1}
+                                                              : std::vector<int64_t>{-1, c.patch_features()};
+    for (int64_t dim : prediction) output->add_dims(dim);
+    return Done(context, grpc::Status::OK);
+  }
+
+  // Triton's statistics extension, over every inference of the model: Denoise and ModelInfer.
+  grpc::ServerUnaryReactor* ModelStatistics(grpc::CallbackServerContext* context,
+                                            const inference::ModelStatisticsRequest* request,
+                                            inference::ModelStatisticsResponse* response) override {
+    if (!request->name().empty()) {
+      if (absl::Status known = Known(request->name(), request->version()); !known.ok()) {
+        return Done(context, ToGrpc(known));
+      }
+    }
+    const InferenceTotals totals = server_.metrics_->inference_totals();
+    inference::ModelStatistics* stats = response->add_model_stats();
+    stats->set_name(server_.model_name_);
+    stats->set_version("1");
+    stats->set_last_inference(static_cast<uint64_t>(totals.last_inference_ms));
+    stats->set_inference_count(totals.inference_count);
+    stats->set_execution_count(totals.execution_count);
+    inference::InferStatistics* infer = stats->mutable_inference_stats();
+    const auto duration = [](inference::StatisticDuration* d, uint64_t count, uint64_t us) {
+      d->set_count(count);
+      d->set_ns(us * 1000);
+    };
+    duration(infer->mutable_success(), totals.success_count, totals.success_us);
+    duration(infer->mutable_fail(), totals.fail_count, totals.fail_us);
+    duration(infer->mutable_queue(), totals.success_count, totals.queue_us);
+    duration(infer->mutable_compute_infer(), totals.success_count, totals.compute_us);
+    // Inputs are decoded before queueing and outputs encoded after the pass, in the handlers;
+    // their time is in success, not split out.
+    duration(infer->mutable_compute_input(), totals.success_count, 0);
+    duration(infer->mutable_compute_output(), totals.success_count, 0);
+    return Done(context, grpc::Status::OK);
+  }
+
   grpc::ServerUnaryReactor* ModelInfer(grpc::CallbackServerContext* context, const grpc::ByteBuffer* wire_request,
                                        grpc::ByteBuffer* wire_response) override {
     const int64_t arrival_us = server_.clock_.NowUs();
     const int64_t deadline_us = DeadlineUs(*context, arrival_us);
-    auto call = std::make_shared<DenoiseCall>(wire_response, *server_.metrics_, arrival_us);
+    auto call = std::make_shared<DenoiseCall>(wire_response, *server_.metrics_, server_.clock_, arrival_us);
     auto* reactor = new DenoiseReactor(call, server_.scheduler_);
     call->set_reactor(reactor);
     call->infer_model_name = server_.model_name_;

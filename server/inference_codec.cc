@@ -126,6 +126,8 @@ absl::StatusOr<v1::DenoiseRequest> DenoiseRequestFromInfer(const inference::Mode
     if (!elements.ok()) return elements.status();
     field->set_dtype(*dtype);
     field->mutable_shape()->CopyFrom(input.shape());
+    // Triton's tools send a per-sample scalar as [B, 1] (ModelConfig declares it so).
+    if (input.name() == "timestep" && field->shape_size() == 2 && field->shape(1) == 1) field->mutable_shape()->RemoveLast();
     if (raw) {
       if (input.has_contents()) {
         return absl::InvalidArgumentError(

@@ -23,7 +23,8 @@ inline constexpr absl::string_view kInferOutputName = "prediction";
 absl::string_view InferDatatypeName(v1::DType dtype);
 
 // The DenoiseRequest that `request` stands for (id as request_id; the request parameter
-// wait_for_batch, a bool, as wait_for_batch). Errors: INVALID_ARGUMENT naming the input
+// wait_for_batch, a bool, as wait_for_batch; timestep [B, 1], as Triton's tools send it, as [B]).
+// Errors: INVALID_ARGUMENT naming the input
 // ("inputs[1] (txt_embed): ...") or field.
 absl::StatusOr<v1::DenoiseRequest> DenoiseRequestFromInfer(const inference::ModelInferRequest& request);
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <chrono>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -105,7 +106,38 @@ double ServerMetrics::Rate(const std::deque<std::pair<double, int64_t>>& window,
   return recent / kRateWindowSeconds;
 }
 
+void ServerMetrics::ObserveInference(bool ok, int64_t samples, int64_t total_us, int64_t queue_us,
+                                     int64_t compute_us) {
+  const int64_t now_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                             std::chrono::system_clock::now().time_since_epoch())
+                             .count();
+  const auto positive = [](int64_t us) { return static_cast<uint64_t>(std::max<int64_t>(us, 0)); };
+  std::lock_guard<std::mutex> lock(inference_mutex_);
+  if (ok) {
+    ++inference_.success_count;
+    inference_.success_us += positive(total_us);
+    inference_.queue_us += positive(queue_us);
+    inference_.compute_us += positive(compute_us);
+    inference_.inference_count += positive(samples);
+    inference_.last_inference_ms = now_ms;
+  } else {
+    ++inference_.fail_count;
+    inference_.fail_us += positive(total_us);
+  }
+}
+
+InferenceTotals ServerMetrics::inference_totals() const {
+  InferenceTotals totals;
+  {
+    std::lock_guard<std::mutex> lock(inference_mutex_);
+    totals = inference_;
+  }
+  totals.execution_count = passes_total_.load();
+  return totals;
+}
+
 void ServerMetrics::ObservePass(int64_t rows, int64_t tokens, double seconds, double now_s) {
+  passes_total_.fetch_add(1);
   samples_total_.fetch_add(rows);
   compute_seconds_.Observe(seconds);
   batch_samples_.Observe(rows);

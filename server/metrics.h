@@ -30,6 +30,16 @@ class Histogram {
   double sum_ = 0;                // guarded by mutex_
 };
 
+// Triton's ModelStatistics of the one model: its inferences are Denoise and ModelInfer calls.
+struct InferenceTotals {
+  uint64_t success_count = 0, success_us = 0;  // answered OK, arrival to answer
+  uint64_t fail_count = 0, fail_us = 0;        // ended with an error
+  uint64_t queue_us = 0, compute_us = 0;       // of the successful ones
+  uint64_t inference_count = 0;                // samples answered OK
+  uint64_t execution_count = 0;                // forward passes (all work together)
+  int64_t last_inference_ms = 0;               // wall clock, since the epoch; 0: none yet
+};
+
 // Everything the server measures. Thread-safe.
 class ServerMetrics {
  public:
@@ -43,6 +53,10 @@ class ServerMetrics {
   // One finished call of `method` ("/mmdit.v1.Denoiser/Denoise") as gRPC's interceptors see it:
   // every method, including gRPC's own answers (an unknown method). grpc_server_handled_total.
   void CountCall(const std::string& method, int code);
+  // One Denoise or ModelInfer call's end: `ok` with its `samples`, its time from arrival to
+  // answer and, when ok, its queue and compute parts.
+  void ObserveInference(bool ok, int64_t samples, int64_t total_us, int64_t queue_us, int64_t compute_us);
+  InferenceTotals inference_totals() const;
   // A Denoise call's wait from arrival to its pass.
   void ObserveQueueTime(double seconds) { queue_seconds_.Observe(seconds); }
   // One forward pass over `rows` rows and `tokens` tokens, taking `seconds`, ending at `now_s`.
@@ -74,6 +88,9 @@ class ServerMetrics {
   std::set<std::string> methods_seen_;                     // guarded; at most kMaxMethods
   std::atomic<uint64_t> samples_total_{0};
   std::atomic<uint64_t> generation_steps_total_{0};
+  std::atomic<uint64_t> passes_total_{0};
+  mutable std::mutex inference_mutex_;
+  InferenceTotals inference_;  // guarded by inference_mutex_ (execution_count: passes_total_)
   Histogram queue_seconds_, compute_seconds_, batch_samples_, batch_tokens_;
   Histogram step_queue_seconds_, first_step_seconds_, generation_seconds_;
   mutable std::mutex window_mutex_;

@@ -290,5 +290,98 @@ TEST(InferenceService, EveryMalformedRequestIsRefusedNamingWhatIsWrong) {
   EXPECT_EQ(server->metrics().samples_computed(), 0u) << "a refused request was computed";
 }
 
+// What perf_analyzer does: read ModelConfig, fill each input's dims (batch first, -1 made
+// concrete) and call ModelInfer; timestep arrives as [B, 1].
+TEST(InferenceService, ModelConfigDescribesRequestsThatModelInferAccepts) {
+  ServerOptions options;
+  options.scheduler.max_batch_samples = 6;
+  auto server = StartServer(options);
+  auto stub = InferenceStub(*server);
+  grpc::ClientContext context;
+  inference::ModelConfigRequest config_request;
+  config_request.set_name("sd3_tiny");
+  inference::ModelConfigResponse config;
+  ASSERT_TRUE(stub->ModelConfig(&context, config_request, &config).ok());
+  EXPECT_EQ(config.config().name(), "sd3_tiny");
+  EXPECT_EQ(config.config().max_batch_size(), 6);
+  ASSERT_EQ(config.config().input_size(), 4);
+  ASSERT_EQ(config.config().output_size(), 1);
+  EXPECT_EQ(config.config().output(0).name(), "prediction");
+  const int64_t batch = 2;
+  const Inputs inputs = RandomSd3TinyInputs(batch, 8, 6, 5, 11);
+  const v1::DenoiseRequest denoise = MakeDenoiseRequest(inputs.View(), v1::FP32);
+  inference::ModelInferRequest request = InferRequestFor(denoise, false);
+  for (int i = 0; i < 4; ++i) {
+    const inference::ModelInput& declared = config.config().input(i);
+    EXPECT_EQ(declared.data_type(), inference::TYPE_FP32);
+    ASSERT_EQ(request.inputs(i).name(), declared.name());
+    // The declared dims, with the batch in front and each -1 the size these inputs have.
+    std::vector<int64_t> shape = {batch};
+    for (int d = 0; d < declared.dims_size(); ++d) {
+      const int64_t given = declared.name() == "timestep" ? 1 : request.inputs(i).shape(d + 1);
+      if (declared.dims(d) != -1) EXPECT_EQ(declared.dims(d), given) << declared.name() << " dim " << d;
+      shape.push_back(given);
+    }
+    request.mutable_inputs(i)->mutable_shape()->Assign(shape.begin(), shape.end());
+  }
+  EXPECT_THAT(request.inputs(2).shape(), ::testing::ElementsAre(batch, 1));  // timestep as Triton sends it
+  grpc::ClientContext infer_context;
+  inference::ModelInferResponse response;
+  const grpc::Status status = stub->ModelInfer(&infer_context, request, &response);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  auto client = ClientFor(*server);
+  EXPECT_TRUE(response.raw_output_contents(0) == DenoiseAlone(*client, denoise).prediction().data());
+}
+
+TEST(InferenceService, ModelStatisticsCountsEveryInferenceOfTheModel) {
+  auto server = StartServer({});
+  auto stub = InferenceStub(*server);
+  auto client = ClientFor(*server);
+  DenoiseAlone(*client, MakeDenoiseRequest(RandomSd3TinyInputs(2, 8, 8, 5, 12).View(), v1::FP32));
+  {
+    grpc::ClientContext context;
+    inference::ModelInferResponse response;
+    ASSERT_TRUE(stub->ModelInfer(&context,
+                                 InferRequestFor(MakeDenoiseRequest(RandomSd3TinyInputs(1, 4, 4, 3, 13).View(),
+                                                                    v1::FP32),
+                                                 false),
+                                 &response)
+                    .ok());
+  }
+  {
+    inference::ModelInferRequest bad = InferRequestFor(
+        MakeDenoiseRequest(RandomSd3TinyInputs(1, 4, 4, 3, 14).View(), v1::FP32), false);
+    bad.mutable_inputs(0)->set_shape(1, 3);
+    grpc::ClientContext context;
+    inference::ModelInferResponse response;
+    EXPECT_FALSE(stub->ModelInfer(&context, bad, &response).ok());
+  }
+  grpc::ClientContext context;
+  inference::ModelStatisticsRequest request;
+  request.set_name("sd3_tiny");
+  inference::ModelStatisticsResponse response;
+  ASSERT_TRUE(stub->ModelStatistics(&context, request, &response).ok());
+  ASSERT_EQ(response.model_stats_size(), 1);
+  const inference::ModelStatistics& stats = response.model_stats(0);
+  EXPECT_EQ(stats.name(), "sd3_tiny");
+  EXPECT_EQ(stats.version(), "1");
+  EXPECT_EQ(stats.inference_count(), 3u);  // samples: 2 + 1
+  EXPECT_EQ(stats.execution_count(), 2u);  // one pass each
+  EXPECT_GT(stats.last_inference(), 1'700'000'000'000u);  // ms since the epoch, after 2023
+  const inference::InferStatistics& infer = stats.inference_stats();
+  EXPECT_EQ(infer.success().count(), 2u);
+  EXPECT_EQ(infer.fail().count(), 1u);
+  EXPECT_EQ(infer.compute_infer().count(), 2u);
+  EXPECT_GT(infer.compute_infer().ns(), 0u);
+  EXPECT_GE(infer.success().ns(), infer.compute_infer().ns() + infer.queue().ns());
+  grpc::ClientContext unknown_context;
+  request.set_name("sd3");
+  EXPECT_EQ(stub->ModelStatistics(&unknown_context, request, &response).error_code(), grpc::StatusCode::NOT_FOUND);
+  grpc::ClientContext server_metadata_context;
+  inference::ServerMetadataResponse metadata;
+  ASSERT_TRUE(stub->ServerMetadata(&server_metadata_context, {}, &metadata).ok());
+  EXPECT_THAT(metadata.extensions(), ::testing::ElementsAre("model_configuration", "statistics"));
+}
+
 }  // namespace
 }  // namespace mmdit
