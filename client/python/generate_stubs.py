@@ -2,7 +2,9 @@
 """Generates the package's gRPC stubs from the repository's protos (proto/) into
 mmdit_client/_generated/ (or OUT_DIR/mmdit_client/_generated/ with --out OUT_DIR), with Debian's
 protoc and grpc_python_plugin (protobuf-compiler, protobuf-compiler-grpc): the same protoc as the
-C++ build, so the generated code matches Debian's python3-protobuf.
+C++ build, so the generated code matches Debian's python3-protobuf. Debian's python3-grpc-tools
+(1.14) is not used: its bundled protoc predates proto3 `optional`, which denoiser.proto uses
+("Explicit 'optional' labels are disallowed in the Proto3 syntax").
 
 protoc writes absolute imports ("from mmdit.v1 import denoiser_pb2"); they are rewritten to point
 inside the package, so that the stubs never shadow other packages (grpc.health in particular).
