@@ -18,11 +18,11 @@ GOLDEN = pathlib.Path(os.environ["MMDIT_GOLDEN"])
 MODEL = GOLDEN / "sd3_tiny"
 
 
-@pytest.fixture(scope="module")
-def server():
+def start_server(*extra):
+    """A child mmdit-server on a free port, once its log says SERVING: (process, port)."""
     process = subprocess.Popen(
         [os.environ["MMDIT_SERVER"], "--model", str(MODEL), "--host", "127.0.0.1", "--port", "0",
-         "--metrics_port", "-1", "--warmup", "1x4x8x8/5"],
+         "--metrics_port", "-1", "--warmup", "1x4x8x8/5", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     port, log = None, []
     for line in process.stdout:
@@ -33,9 +33,19 @@ def server():
         if "SERVING:" in line:
             break
     assert port, "".join(log)
-    yield f"127.0.0.1:{port}"
+    return process, port
+
+
+def stop_server(process):
     process.terminate()
     assert process.wait(timeout=30) == 0
+
+
+@pytest.fixture(scope="module")
+def server():
+    process, port = start_server()
+    yield f"127.0.0.1:{port}"
+    stop_server(process)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +102,43 @@ def test_errors_carry_the_code_and_the_field(client):
     assert "txt_embed" in error.value.details
     with pytest.raises(ValueError):
         client.denoise(img, txt, t, pooled, dtype="int8")
+
+
+def test_deadlines(client):
+    img, txt, t, pooled = random_inputs(batch=4, height=16, width=16, tokens=9)
+    with pytest.raises(MmditError) as error:
+        client.denoise(img, txt, t, pooled, timeout=1e-6)
+    assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_mutual_tls(tmp_path):
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    steps = [
+        ["req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=mmdit-test-ca"],
+        ["req", *key, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"],
+        ["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+         "server.crt", "-days", "2", "-extfile", "san.ext"],
+        ["req", *key, "-keyout", "client.key", "-out", "client.csr", "-subj", "/CN=mmdit-test-client"],
+        ["x509", "-req", "-in", "client.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+         "client.crt", "-days", "2"],
+    ]
+    (tmp_path / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for step in steps:
+        subprocess.run(["openssl", *step], cwd=tmp_path, check=True, capture_output=True)
+    files = {name: (tmp_path / name).read_bytes() for name in ("ca.crt", "client.key", "client.crt")}
+    process, port = start_server("--tls_cert", str(tmp_path / "server.crt"), "--tls_key", str(tmp_path / "server.key"),
+                                 "--tls_client_ca", str(tmp_path / "ca.crt"))
+    try:
+        with Client(f"localhost:{port}", root_certificates=files["ca.crt"], private_key=files["client.key"],
+                    certificate_chain=files["client.crt"], timeout=30) as client:
+            assert client.health() == "SERVING"
+            assert client.denoise(*random_inputs(batch=1, seed=9)).shape == (1, 4, 8, 8)
+        with Client(f"localhost:{port}", root_certificates=files["ca.crt"], timeout=10) as anonymous:
+            with pytest.raises(MmditError) as error:  # no client certificate: the handshake fails
+                anonymous.health()
+            assert error.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        stop_server(process)
 
 
 def test_generate_streams_every_step_and_is_seeded(client):
