@@ -18,7 +18,7 @@ case "${1:-}" in
     export MMDIT_BUILD_DIR=build-tsan MMDIT_BUILD_TYPE=RelWithDebInfo
     ./scripts/build.sh -DMMDIT_SANITIZE=thread
     export TSAN_OPTIONS="halt_on_error=1 suppressions=$PWD/tests/sanitizers/tsan.supp"
-    filter=(-R "StepPolicy|StepScheduler|DenoiserServer|Generate|Tls|ServerProcess|RunLoad|ParseMix|MmditClientTool|RequestCodec|Histogram|ServerMetrics") ;;
+    filter=(-R "StepPolicy|StepScheduler|DenoiserServer|InferenceService|Generate|Tls|ServerProcess|RunLoad|ParseMix|MmditClientTool|RequestCodec|Histogram|ServerMetrics") ;;
   ""|--release) ./scripts/build.sh ;;
   *) echo "usage: scripts/test.sh [--release|--asan|--tsan]" >&2; exit 2 ;;
 esac
