@@ -155,7 +155,7 @@ void ServerMetrics::ObserveGenerationStep(double queue_seconds, double now_s) {
 
 std::string ServerMetrics::Render(double now_s) const {
   std::string out;
-  Header(out, "mmdit_requests_total", "counter", "Denoise and Generate calls answered, by gRPC status code.");
+  Header(out, "mmdit_requests_total", "counter", "Denoise, Generate and ModelInfer calls answered, by gRPC status code.");
   for (int code = 0; code < 17; ++code) {
     absl::StrAppend(&out, "mmdit_requests_total{code=\"", absl::StatusCodeToString(static_cast<absl::StatusCode>(code)),
                     "\"} ", requests_by_code_[code].load(), "\n");

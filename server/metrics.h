@@ -46,7 +46,7 @@ class ServerMetrics {
   // `queue_depth` and `running_generations` are read at each scrape.
   ServerMetrics(std::function<int64_t()> queue_depth, std::function<int64_t()> running_generations);
 
-  // One Denoise or Generate call answered by our handlers, by its gRPC status code (0..16):
+  // One Denoise, Generate or ModelInfer call answered by our handlers, by its gRPC status code (0..16):
   // mmdit_requests_total, counted when the answer is given, so never missed by a race with
   // the call's cancellation.
   void CountRequest(int code);

@@ -174,6 +174,7 @@ def test_remote_transformer_with_torch_tensors(client):
     out = RemoteTransformer(client)(torch.from_numpy(img), torch.from_numpy(txt), torch.from_numpy(pooled),
                                     torch.from_numpy(t))
     assert isinstance(out.sample, torch.Tensor)
+    assert RemoteTransformer(client).dtype == torch.float32
     np.testing.assert_array_equal(out.sample.numpy(), client.denoise(img, txt, t, pooled))
 
 
@@ -224,28 +225,47 @@ def test_oip_infer_equals_denoise_raw_and_typed(client, oip):
         np.testing.assert_array_equal(got, expected)
 
 
+def test_oip_config_and_statistics(oip):
+    config = oip.ModelConfig(v2.ModelConfigRequest(name="sd3_tiny")).config
+    assert config.max_batch_size > 0
+    assert [(i.name, list(i.dims)) for i in config.input] == [
+        ("img_latent", [4, -1, -1]), ("txt_embed", [-1, 40]), ("timestep", [1]), ("pooled_text", [24])]
+    before = oip.ModelStatistics(v2.ModelStatisticsRequest(name="sd3_tiny")).model_stats[0]
+    inputs = random_inputs(batch=3, seed=8)
+    oip.ModelInfer(infer_request(*inputs))
+    after = oip.ModelStatistics(v2.ModelStatisticsRequest()).model_stats[0]
+    assert after.inference_count == before.inference_count + 3
+    assert after.inference_stats.success.count == before.inference_stats.success.count + 1
+
+
 def test_oip_malformed_requests(oip):
+    invalid, not_found = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+    # (typed contents?, what breaks the request, the code, what the message names)
+    cases = [
+        (False, lambda r: setattr(r, "model_name", "nope"), not_found, "unknown model"),
+        (False, lambda r: setattr(r, "model_version", "7"), not_found, 'no version "7"'),
+        (False, lambda r: setattr(r.inputs[1], "name", "text"), invalid, 'unknown input "text"'),
+        (False, lambda r: setattr(r.inputs[1], "name", "img_latent"), invalid, "given twice"),
+        (False, lambda r: (r.inputs.pop(), r.raw_input_contents.pop()), invalid, "pooled_text"),
+        (False, lambda r: setattr(r.inputs[0], "datatype", "INT64"), invalid, "datatype"),
+        (False, lambda r: r.raw_input_contents.pop(), invalid, "raw_input_contents"),
+        (False, lambda r: r.raw_input_contents.__setitem__(0, b"\0" * 12), invalid, "img_latent"),
+        (False, lambda r: r.inputs[2].contents.fp32_contents.append(1.0), invalid,
+         "typed contents while raw_input_contents"),
+        (True, lambda r: r.inputs[3].contents.fp32_contents.append(1.0), invalid, "fp32_contents"),
+        (True, lambda r: setattr(r.inputs[2], "datatype", "FP16"), invalid, "FP16 has no typed contents"),
+        (True, lambda r: (r.inputs[2].contents.ClearField("fp32_contents"),
+                          r.inputs[2].contents.int_contents.extend([500, 501])), invalid, "contents.fp32_contents"),
+        (False, lambda r: r.inputs[0].shape.__setitem__(1, 3), invalid, "img_latent"),
+        (False, lambda r: r.inputs[1].shape.__setitem__(1, -5), invalid, "negative dimension"),
+        (False, lambda r: r.outputs.add(name="sample"), invalid, 'unknown output "sample"'),
+        (False, lambda r: setattr(r.parameters["wait_for_batch"], "int64_param", 1), invalid,
+         "expected a bool_param"),
+    ]
     inputs = random_inputs(seed=6)
-    cases = []
-    request = infer_request(*inputs)
-    request.model_name = "nope"
-    cases.append((request, grpc.StatusCode.NOT_FOUND, "unknown model"))
-    request = infer_request(*inputs)
-    request.inputs[1].name = "text"
-    cases.append((request, grpc.StatusCode.INVALID_ARGUMENT, 'unknown input "text"'))
-    request = infer_request(*inputs)
-    request.inputs[0].datatype = "INT64"
-    cases.append((request, grpc.StatusCode.INVALID_ARGUMENT, "datatype"))
-    request = infer_request(*inputs)
-    del request.raw_input_contents[-1]
-    cases.append((request, grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents"))
-    request = infer_request(*inputs, typed=True)
-    request.inputs[3].contents.fp32_contents.append(1.0)
-    cases.append((request, grpc.StatusCode.INVALID_ARGUMENT, "fp32_contents"))
-    request = infer_request(*inputs)
-    request.inputs[0].shape[1] = 3
-    cases.append((request, grpc.StatusCode.INVALID_ARGUMENT, "img_latent"))
-    for request, code, message in cases:
+    for typed, mutate, code, message in cases:
+        request = infer_request(*inputs, typed=typed)
+        mutate(request)
         with pytest.raises(grpc.RpcError) as error:
             oip.ModelInfer(request)
         assert error.value.code() == code and message in error.value.details(), error.value.details()

@@ -187,22 +187,37 @@ class RemoteTransformer:
     """A callable with the signature of diffusers' SD3Transformer2DModel.forward whose forward
     pass is the server's Denoise, so that a diffusers SD3 pipeline can use the service as its
     transformer: `pipe.transformer = RemoteTransformer(client)` (plus whatever attributes the
-    pipeline reads, e.g. `config`, which this class copies from the server's GetModelInfo).
+    pipeline reads: `config` is copied from the server's GetModelInfo, `dtype` and `device` are
+    float32 and CPU, where tensors meet the wire. Pass the pipeline height and width: the
+    model's default sample size is not something the server reports).
 
     hidden_states [B, C, H, W], encoder_hidden_states [B, T, D], pooled_projections [B, P],
     timestep [B] or a scalar: numpy arrays or torch tensors. Returns `.sample` (or a 1-tuple with
     return_dict=False) as a torch tensor of hidden_states' dtype and device when torch tensors
     came in, else as a numpy array."""
 
-    def __init__(self, client: Client, dtype: str = "fp32"):
+    def __init__(self, client: Client, wire_dtype: str = "fp32"):
         self.client = client
-        self.dtype = dtype
+        self.wire_dtype = wire_dtype  # what travels: fp32, fp16 or bf16
         model = client.info()["model"]
         self.config = _Config(in_channels=model.get("in_channels", 0), out_channels=model.get("out_channels", 0),
                               patch_size=model.get("patch_size", 0),
                               joint_attention_dim=model.get("txt_dim", 0),
                               pooled_projection_dim=model.get("cond_dim", 0),
                               num_layers=model.get("depth", 0))
+
+    @property
+    def dtype(self):
+        """What diffusers pipelines read to cast their inputs: float32 (see wire_dtype for the wire)."""
+        import torch
+
+        return torch.float32
+
+    @property
+    def device(self):
+        import torch
+
+        return torch.device("cpu")
 
     def __call__(self, hidden_states, encoder_hidden_states=None, pooled_projections=None, timestep=None,
                  block_controlnet_hidden_states=None, joint_attention_kwargs=None, return_dict=True,
@@ -214,7 +229,7 @@ class RemoteTransformer:
         img_latent = _to_numpy(hidden_states)
         timesteps = np.broadcast_to(_to_numpy(timestep).reshape(-1), (img_latent.shape[0],))
         sample = self.client.denoise(img_latent, _to_numpy(encoder_hidden_states), timesteps,
-                                     _to_numpy(pooled_projections), dtype=self.dtype)
+                                     _to_numpy(pooled_projections), dtype=self.wire_dtype)
         sample = _like(sample, hidden_states)
         return _Output(sample) if return_dict else (sample,)
 
