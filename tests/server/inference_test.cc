@@ -319,7 +319,9 @@ TEST(InferenceService, ModelConfigDescribesRequestsThatModelInferAccepts) {
     std::vector<int64_t> shape = {batch};
     for (int d = 0; d < declared.dims_size(); ++d) {
       const int64_t given = declared.name() == "timestep" ? 1 : request.inputs(i).shape(d + 1);
-      if (declared.dims(d) != -1) EXPECT_EQ(declared.dims(d), given) << declared.name() << " dim " << d;
+      if (declared.dims(d) != -1) {
+        EXPECT_EQ(declared.dims(d), given) << declared.name() << " dim " << d;
+      }
       shape.push_back(given);
     }
     request.mutable_inputs(i)->mutable_shape()->Assign(shape.begin(), shape.end());
