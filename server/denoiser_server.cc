@@ -662,28 +662,16 @@ class DenoiserServer::InferenceService final
     response->set_name(server_.model_name_);
     response->add_versions("1");
     response->set_platform("mmdit");
-    // -1: any size. The batch is every tensor's first dimension. Image form where the model has
-    // a position table ([B, C, H, W]), else token form ([B, N, img_dim]); FP16 and BF16 are
-    // accepted too (GetModelInfo lists them), FP32 is what metadata has room to say.
-    const std::vector<int64_t> latent = c.has_positions() ? std::vector<int64_t>{-1, c.in_channels, -1, -1}
-                                                          : std::vector<int64_t>{-1, -1, c.patch_features()};
-    const std::vector<int64_t> prediction = c.has_positions() ? std::vector<int64_t>{-1, c.out_channels, -1, -1}
-                                                              : std::vector<int64_t>{-1, -1, c.patch_features()};
-    const std::pair<absl::string_view, std::vector<int64_t>> inputs[] = {
-        {"img_latent", latent},
-        {"txt_embed", {-1, -1, c.joint_attention_dim}},
-        {"timestep", {-1}},
-        {"pooled_text", {-1, c.pooled_projection_dim}}};
-    for (const auto& [name, shape] : inputs) {
-      auto* input = response->add_inputs();
-      input->set_name(std::string(name));
-      input->set_datatype("FP32");
-      for (int64_t dim : shape) input->add_shape(dim);
-    }
-    auto* output = response->add_outputs();
-    output->set_name(std::string(kInferOutputName));
-    output->set_datatype("FP32");
-    for (int64_t dim : prediction) output->add_shape(dim);
+    // -1: any size; the batch in front of every tensor. FP16 and BF16 are accepted too
+    // (GetModelInfo lists them); FP32 is what metadata has room to say.
+    const auto add = [&c](inference::ModelMetadataResponse::TensorMetadata* tensor, absl::string_view name) {
+      tensor->set_name(std::string(name));
+      tensor->set_datatype("FP32");
+      tensor->add_shape(-1);
+      for (int64_t dim : InferSampleDims(c, name)) tensor->add_shape(dim);
+    };
+    for (absl::string_view name : kInferInputNames) add(response->add_inputs(), name);
+    add(response->add_outputs(), kInferOutputName);
     return Done(context, grpc::Status::OK);
   }
 
@@ -708,26 +696,21 @@ class DenoiserServer::InferenceService final
     config->set_backend("mmdit");
     config->set_max_batch_size(
         static_cast<int32_t>(std::min(o.limits.max_samples_per_request, o.scheduler.max_batch_samples)));
-    const std::vector<int64_t> latent = c.has_positions() ? std::vector<int64_t>{c.in_channels, -1, -1}
-                                                          : std::vector<int64_t>{-1, c.patch_features()};
-    const std::pair<absl::string_view, std::vector<int64_t>> inputs[] = {
-        {"img_latent", latent},
-        {"txt_embed", {-1, c.joint_attention_dim}},
-        {"timestep", {1}},
-        {"pooled_text", {c.pooled_projection_dim}}};
-    for (const auto& [name, dims] : inputs) {
+    for (absl::string_view name : kInferInputNames) {
       inference::ModelInput* input = config->add_input();
       input->set_name(std::string(name));
       input->set_data_type(inference::TYPE_FP32);
+      std::vector<int64_t> dims = InferSampleDims(c, name);
+      if (dims.empty()) {  // a scalar per sample (timestep): Triton wants dims [1], reshaped to []
+        dims = {1};
+        input->mutable_reshape();
+      }
       for (int64_t dim : dims) input->add_dims(dim);
-      if (name == "timestep") input->mutable_reshape();  // [1] -> [] per sample
     }
     inference::ModelOutput* output = config->add_output();
     output->set_name(std::string(kInferOutputName));
     output->set_data_type(inference::TYPE_FP32);
-    const std::vector<int64_t> prediction = c.has_positions() ? std::vector<int64_t>{c.out_channels, -1, -1}
-                                                              : std::vector<int64_t>{-1, c.patch_features()};
-    for (int64_t dim : prediction) output->add_dims(dim);
+    for (int64_t dim : InferSampleDims(c, kInferOutputName)) output->add_dims(dim);
     return Done(context, grpc::Status::OK);
   }
 
@@ -781,12 +764,11 @@ class DenoiserServer::InferenceService final
       call->Finish(ToGrpc(known));
       return reactor;
     }
-    absl::StatusOr<v1::DenoiseRequest> denoise = DenoiseRequestFromInfer(parsed);
+    absl::StatusOr<v1::DenoiseRequest> denoise = DenoiseRequestFromInfer(std::move(parsed));
     if (!denoise.ok()) {
       call->Finish(ToGrpc(denoise.status()));
       return reactor;
     }
-    parsed.Clear();  // the tensors now live in `denoise`; don't hold them twice while queued
     server_.service_->AdmitDenoise(*denoise, deadline_us, call);
     return reactor;
   }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -87,7 +88,7 @@ absl::string_view InferDatatypeName(v1::DType dtype) {
   }
 }
 
-absl::StatusOr<v1::DenoiseRequest> DenoiseRequestFromInfer(const inference::ModelInferRequest& request) {
+absl::StatusOr<v1::DenoiseRequest> DenoiseRequestFromInfer(inference::ModelInferRequest request) {
   v1::DenoiseRequest denoise;
   denoise.set_request_id(request.id());
   for (const auto& [name, value] : request.parameters()) {
@@ -133,13 +134,25 @@ absl::StatusOr<v1::DenoiseRequest> DenoiseRequestFromInfer(const inference::Mode
         return absl::InvalidArgumentError(
             absl::StrCat(where, ": has typed contents while raw_input_contents is used; use one or the other"));
       }
-      field->set_data(request.raw_input_contents(i));  // sizes against the shape: DecodeRequest's check
+      // Sizes against the shape are DecodeRequest's check.
+      field->set_data(std::move(*request.mutable_raw_input_contents(i)));
     } else if (absl::Status copied = CopyTypedContents(input, *dtype, *elements, where, *field->mutable_data());
                !copied.ok()) {
       return copied;
     }
   }
   return denoise;
+}
+
+std::vector<int64_t> InferSampleDims(const ModelConfig& config, absl::string_view tensor) {
+  if (tensor == "img_latent" || tensor == kInferOutputName) {
+    const int64_t channels = tensor == "img_latent" ? config.in_channels : config.out_channels;
+    return config.has_positions() ? std::vector<int64_t>{channels, -1, -1}
+                                  : std::vector<int64_t>{-1, config.patch_features()};
+  }
+  if (tensor == "txt_embed") return {-1, config.joint_attention_dim};
+  if (tensor == "pooled_text") return {config.pooled_projection_dim};
+  return {};  // timestep
 }
 
 void EncodeInferResponse(const std::vector<Tensor>& outputs, v1::DType dtype, inference::ModelInferResponse& response) {

@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "core/model_config.h"
 #include "core/tensor.h"
 #include "inference/grpc_predict_v2.pb.h"
 #include "mmdit/v1/denoiser.pb.h"
@@ -26,7 +27,14 @@ absl::string_view InferDatatypeName(v1::DType dtype);
 // wait_for_batch, a bool, as wait_for_batch; timestep [B, 1], as Triton's tools send it, as [B]).
 // Errors: INVALID_ARGUMENT naming the input
 // ("inputs[1] (txt_embed): ...") or field.
-absl::StatusOr<v1::DenoiseRequest> DenoiseRequestFromInfer(const inference::ModelInferRequest& request);
+// Taken by value: the raw contents move into the DenoiseRequest instead of being copied.
+absl::StatusOr<v1::DenoiseRequest> DenoiseRequestFromInfer(inference::ModelInferRequest request);
+
+// A tensor's per-sample shape for `config` (-1: any size); the batch goes in front of it. The
+// latent and prediction are image form ([C, H, W]) where the model has a position table, else
+// token form ([N, img_dim]); timestep is a scalar ([]). ModelMetadata and ModelConfig both say
+// this, each in its own convention.
+std::vector<int64_t> InferSampleDims(const ModelConfig& config, absl::string_view tensor);
 
 // Fills `response`'s one output, prediction: `outputs` stacked in `dtype`, as raw contents.
 void EncodeInferResponse(const std::vector<Tensor>& outputs, v1::DType dtype, inference::ModelInferResponse& response);

@@ -1,7 +1,7 @@
 // grpc.reflection.v1, the reflection protocol's current name, answered from the protobuf
 // descriptors compiled into this binary. Debian 12's gRPC (1.51) serves only v1alpha (its
-// plugin, which we register too); clients that ask v1 first (current grpcurl, grpc-js, Postman)
-// find it here. Both versions list the same services.
+// plugin, which we register too); clients that ask for v1 find it here. Both versions list the
+// same services.
 #pragma once
 
 #include <set>

@@ -132,18 +132,14 @@ class Client:
             txt_embed=_tensors.encode(txt_embed, pb.FP32), pooled_text=_tensors.encode(pooled_text, pb.FP32),
             latent_shape=list(latent_shape), steps=steps, seed=seed, preview_every=preview_every,
             output_dtype=wire, request_id=request_id)
-        if negative_txt_embed is not None:
-            request.negative_txt_embed.CopyFrom(_tensors.encode(negative_txt_embed, pb.FP32))
-        if negative_pooled_text is not None:
-            request.negative_pooled_text.CopyFrom(_tensors.encode(negative_pooled_text, pb.FP32))
-        if guidance_scale is not None:
-            request.guidance_scale = guidance_scale
-        if initial_noise is not None:
-            request.initial_noise.CopyFrom(_tensors.encode(initial_noise, pb.FP32))
-        if init_latent is not None:
-            request.init_latent.CopyFrom(_tensors.encode(init_latent, pb.FP32))
-        if strength is not None:
-            request.strength = strength
+        optional_tensors = {"negative_txt_embed": negative_txt_embed, "negative_pooled_text": negative_pooled_text,
+                            "initial_noise": initial_noise, "init_latent": init_latent}
+        for field, value in optional_tensors.items():
+            if value is not None:
+                getattr(request, field).CopyFrom(_tensors.encode(value, pb.FP32))
+        for field, value in (("guidance_scale", guidance_scale), ("strength", strength)):
+            if value is not None:
+                setattr(request, field, value)
         request.skip_layer_guidance.layers.extend(skip_layers)
         stream = self._stub.Generate(request, timeout=self._deadline(timeout))
         try:
