@@ -13,8 +13,7 @@ RUN ./scripts/install-deps.sh
 COPY . .
 RUN ./scripts/build.sh \
  && mkdir -p /out/bin \
- && cp build/bin/mmdit build/bin/mmdit-server build/bin/mmdit-client /out/bin/ \
- && /out/bin/mmdit init --out /out/models/seed-default --preset seed-default --seed 0
+ && cp build/bin/mmdit build/bin/mmdit-server build/bin/mmdit-client /out/bin/
 
 FROM debian:bookworm-slim AS runtime
 # Runtime libraries, one package per line (kept in step with the binaries by the test above).
@@ -28,6 +27,7 @@ RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends \
       libfmt9 \
       libabsl20220623 \
       libcpp-httplib0.11 \
+      libpng16-16 \
       libbrotli1 \
       ocl-icd-libopencl1 \
       libstdc++6 \
@@ -42,10 +42,11 @@ RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin mmdit
 COPY --from=build /out/bin/ /usr/local/bin/
-# The built-in default model (seed-default geometry, RANDOM weights), where the server looks
-# when no model is named: models/seed-default under its working directory. Mount a real model
-# directory (config.json + safetensors) under /models and set MMDIT_MODEL to serve it.
-COPY --from=build /out/models/seed-default /models/seed-default
+# The built-in default model, where the server looks when no model is named: models/digits
+# under its working directory (the trained digits model and its text encoder, 2 MB, committed
+# in the repo). Mount another model directory (config.json + safetensors) under /models and set
+# MMDIT_MODEL to serve it.
+COPY models/digits /models/digits
 WORKDIR /
 ENV MMDIT_HOST=0.0.0.0 \
     MMDIT_PORT=50051 \

@@ -44,8 +44,10 @@ v1::DenoiseRequest MakeDenoiseRequest(const DenoiseInputs& inputs, v1::DType dty
 
 v1::GenerateRequest MakeGenerateRequest(const GenerateInputs& inputs, v1::DType dtype) {
   v1::GenerateRequest request;
-  EncodeTensor(inputs.txt_embed, dtype, request.mutable_txt_embed());
-  EncodeTensor(inputs.pooled_text, dtype, request.mutable_pooled_text());
+  if (inputs.prompt) request.set_prompt(*inputs.prompt);
+  if (inputs.negative_prompt) request.set_negative_prompt(*inputs.negative_prompt);
+  if (inputs.txt_embed.data != nullptr) EncodeTensor(inputs.txt_embed, dtype, request.mutable_txt_embed());
+  if (inputs.pooled_text.data != nullptr) EncodeTensor(inputs.pooled_text, dtype, request.mutable_pooled_text());
   if (inputs.negative_txt_embed) EncodeTensor(*inputs.negative_txt_embed, dtype, request.mutable_negative_txt_embed());
   if (inputs.negative_pooled_text) {
     EncodeTensor(*inputs.negative_pooled_text, dtype, request.mutable_negative_pooled_text());

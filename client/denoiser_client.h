@@ -44,11 +44,17 @@ struct DenoiseResult {
 // One image for Generate. Tensors have a leading batch of 1; an absent optional is left unset
 // in the request (the server's default, GetModelInfo's SamplerDefaults).
 struct GenerateInputs {
+  // The conditioning: a prompt for the model's text encoder, or the embeddings (left without
+  // data, they are not sent).
+  std::optional<std::string> prompt;               // e.g. "a seven" (the digits model)
+  std::optional<std::string> negative_prompt;      // with prompt; unset: the server's "" for CFG
   TensorView txt_embed;                            // [1, T, J]
   TensorView pooled_text;                          // [1, P]
   std::optional<TensorView> negative_txt_embed;    // [1, T', J]: needed when guidance > 1
   std::optional<TensorView> negative_pooled_text;  // [1, P]
-  Shape latent_shape;  // [C, H, W] or [N]; may be empty when initial_noise or init_latent gives it
+  // [C, H, W] or [N]; may be empty when initial_noise or init_latent gives it, or for the
+  // model's nominal size (image form)
+  Shape latent_shape;
   int32_t steps = 0;   // 0: the server's default
   std::optional<float> guidance_scale;
   uint64_t seed = 0;

@@ -3,13 +3,16 @@
 //   mmdit-client info    --target HOST:PORT                   the model and the server's limits, as JSON
 //   mmdit-client denoise --target HOST:PORT --img_latent A.npy --txt_embed B.npy --timestep C.npy
 //                        --pooled_text D.npy --out OUT.npy [--dtype f32|bf16|f16]
-//   mmdit-client generate --target HOST:PORT --txt_embed A.npy --pooled_text B.npy
-//                        [--negative_txt_embed C.npy --negative_pooled_text D.npy] [--latent C,H,W | --img_tokens N]
-//                        [--steps N] [--guidance G] [--seed S] [--initial_noise N.npy] [--init_latent X.npy
-//                        --strength F] [--skip_layers 7,8,9 --skip_layer_scale 2.8] [--preview_every K]
-//                        --out OUT.npy [--dtype f32|bf16|f16]
+//   mmdit-client generate --target HOST:PORT (--prompt P [--negative_prompt N] | --txt_embed A.npy
+//                        --pooled_text B.npy [--negative_txt_embed C.npy --negative_pooled_text D.npy])
+//                        [--latent C,H,W | --img_tokens N] [--steps N] [--guidance G] [--seed S]
+//                        [--initial_noise N.npy] [--init_latent X.npy --strength F] [--skip_layers 7,8,9
+//                        --skip_layer_scale 2.8] [--preview_every K] [--grid N] --out OUT.npy|OUT.png
+//                        [--png_scale K] [--dtype f32|bf16|f16]
 //                        one image sampled by the server (Generate); inputs have a batch of 1, the output is
-//                        [1, C, H, W] or [1, N, F]; progress on stderr (a bar on a terminal, else a line a step)
+//                        [1, C, H, W] or [1, N, F] (.npy), or the image when the latent is one (.png);
+//                        progress on stderr (a bar on a terminal, else a line a step). --grid N: N images
+//                        in a row (seeds S..S+N-1; without a prompt or embeddings, the digits "0".."N-1")
 //   mmdit-client bench   --target HOST:PORT (--concurrency C | --rate R) (--requests N | --duration S)
 //                        (--img_tokens N | --latent C,H,W) --txt_tokens T [--batch B] [--mix SPEC] [--json]
 //                        [--generate [--via generate|denoise] [--steps N] [--guidance G]]
@@ -24,10 +27,13 @@
 #include <cstdio>
 #include <iostream>
 #include <optional>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/match.h"
 #include "client/denoiser_client.h"
+#include "client/image.h"
 #include "client/load_generator.h"
 #include "core/npy.h"
 #include "core/status_macros.h"
@@ -44,11 +50,14 @@ constexpr char kUsage[] =
     "  info\n"
     "  denoise --img_latent A.npy --txt_embed B.npy --timestep C.npy --pooled_text D.npy --out OUT.npy\n"
     "          [--dtype f32|bf16|f16] [--timeout_ms 60000]\n"
-    "  generate --txt_embed A.npy --pooled_text B.npy [--negative_txt_embed C.npy --negative_pooled_text D.npy]\n"
+    "  generate (--prompt P [--negative_prompt N] | --txt_embed A.npy --pooled_text B.npy\n"
+    "          [--negative_txt_embed C.npy --negative_pooled_text D.npy])\n"
     "          [--latent C,H,W | --img_tokens N] [--steps N] [--guidance G] [--seed S] [--initial_noise N.npy]\n"
     "          [--init_latent X.npy [--strength F]] [--skip_layers 7,8,9 [--skip_layer_scale 2.8]\n"
     "          [--skip_layer_start 0.01] [--skip_layer_stop 0.2]] [--preview_every K] [--request_id ID]\n"
-    "          --out OUT.npy [--dtype f32|bf16|f16] [--timeout_ms 600000]\n"
+    "          [--grid N] --out OUT.npy|OUT.png [--png_scale K] [--dtype f32|bf16|f16] [--timeout_ms 600000]\n"
+    "          .png: the latent as the image (models whose latent is one: the digits model); --grid N:\n"
+    "          N images in a row, seeds S..S+N-1, or without a prompt the digits \"0\"..\"N-1\"\n"
     "  bench   (--concurrency C | --rate R) (--requests N | --duration S) (--img_tokens N | --latent C,H,W)\n"
     "          --txt_tokens T [--batch B] [--mix W@CxHxW/T;W@N/T] [--dtype f32|bf16|f16] [--wait_for_batch] [--json]\n"
     "          [--generate [--via generate|denoise] [--steps N] [--guidance 7]]  whole images; mix W@CxHxW/T:STEPS\n"
@@ -183,26 +192,82 @@ class ProgressPrinter {
   bool open_ = false;  // a bar is on the terminal's current line
 };
 
-absl::Status Generate(const Flags& flags) {
-  ASSIGN_OR_RETURN(v1::DType dtype, WireDType(flags));
-  ASSIGN_OR_RETURN(std::string out_path, flags.RequiredString("out"));
-  ASSIGN_OR_RETURN(std::string txt_path, flags.RequiredString("txt_embed"));
-  ASSIGN_OR_RETURN(std::string pooled_path, flags.RequiredString("pooled_text"));
-  ASSIGN_OR_RETURN(const Tensor txt_embed, ReadNpy(txt_path));
-  ASSIGN_OR_RETURN(const Tensor pooled_text, ReadNpy(pooled_path));
+// Generate's conditioning from the flags: --prompt (and --negative_prompt) for the model's text
+// encoder, or the embeddings from .npy files (held in `owned`, which `inputs` views).
+absl::Status ReadConditioning(const Flags& flags, bool required, GenerateInputs& inputs, std::vector<Tensor>& owned) {
+  const bool embedded = flags.Has("txt_embed") || flags.Has("pooled_text") || flags.Has("negative_txt_embed") ||
+                        flags.Has("negative_pooled_text");
+  if (flags.Has("prompt") && embedded) {
+    return absl::InvalidArgumentError("give --prompt or --txt_embed/--pooled_text, not both");
+  }
+  if (flags.Has("negative_prompt") && !flags.Has("prompt")) {
+    return absl::InvalidArgumentError("--negative_prompt needs --prompt");
+  }
+  if (flags.Has("prompt")) {
+    inputs.prompt = flags.String("prompt");
+    if (flags.Has("negative_prompt")) inputs.negative_prompt = flags.String("negative_prompt");
+    return absl::OkStatus();
+  }
+  if (!embedded && !required) return absl::OkStatus();
   if (flags.Has("negative_txt_embed") != flags.Has("negative_pooled_text")) {
     return absl::InvalidArgumentError("give both --negative_txt_embed and --negative_pooled_text, or neither");
   }
-  ASSIGN_OR_RETURN(const std::optional<Tensor> negative_txt, OptionalNpy(flags, "negative_txt_embed"));
-  ASSIGN_OR_RETURN(const std::optional<Tensor> negative_pooled, OptionalNpy(flags, "negative_pooled_text"));
-  ASSIGN_OR_RETURN(const std::optional<Tensor> initial_noise, OptionalNpy(flags, "initial_noise"));
-  ASSIGN_OR_RETURN(const std::optional<Tensor> init_latent, OptionalNpy(flags, "init_latent"));
+  owned.reserve(4);  // the views below must not move
+  ASSIGN_OR_RETURN(std::string txt_path, flags.RequiredString("txt_embed"));
+  ASSIGN_OR_RETURN(std::string pooled_path, flags.RequiredString("pooled_text"));
+  ASSIGN_OR_RETURN(owned.emplace_back(), ReadNpy(txt_path));
+  inputs.txt_embed = owned.back();
+  ASSIGN_OR_RETURN(owned.emplace_back(), ReadNpy(pooled_path));
+  inputs.pooled_text = owned.back();
+  if (flags.Has("negative_txt_embed")) {
+    ASSIGN_OR_RETURN(owned.emplace_back(), ReadNpy(flags.String("negative_txt_embed")));
+    inputs.negative_txt_embed = owned.back();
+    ASSIGN_OR_RETURN(owned.emplace_back(), ReadNpy(flags.String("negative_pooled_text")));
+    inputs.negative_pooled_text = owned.back();
+  }
+  return absl::OkStatus();
+}
+
+// The latents as the file --out names: .npy ([N, ...], N = 1 without --grid) or .png (the
+// images side by side, each pixel --png_scale times).
+absl::Status WriteLatents(const std::string& path, const std::vector<Tensor>& latents, int64_t png_scale) {
+  if (absl::EndsWith(path, ".npy")) {
+    Tensor stacked = latents.front();
+    for (size_t i = 1; i < latents.size(); ++i) {
+      stacked.data.insert(stacked.data.end(), latents[i].data.begin(), latents[i].data.end());
+    }
+    stacked.shape[0] = static_cast<int64_t>(latents.size());
+    return WriteNpy(path, stacked);
+  }
+  std::vector<Image> images;
+  for (const Tensor& latent : latents) {
+    ASSIGN_OR_RETURN(images.emplace_back(), LatentToImage(latent));
+  }
+  ASSIGN_OR_RETURN(Image row, ImageRow(images));
+  return WritePng(path, Upscale(row, png_scale));
+}
+
+absl::Status Generate(const Flags& flags) {
+  ASSIGN_OR_RETURN(v1::DType dtype, WireDType(flags));
+  ASSIGN_OR_RETURN(std::string out_path, flags.RequiredString("out"));
+  if (!absl::EndsWith(out_path, ".npy") && !absl::EndsWith(out_path, ".png")) {
+    return absl::InvalidArgumentError(absl::StrCat("--out must end in .npy or .png, got '", out_path, "'"));
+  }
+  ASSIGN_OR_RETURN(int64_t grid, flags.Int("grid", 0));
+  if (grid < 0 || grid > 100) return absl::InvalidArgumentError("--grid must be 1..100 (images in the row)");
+  ASSIGN_OR_RETURN(int64_t png_scale, flags.Int("png_scale", 1));
+  if (png_scale < 1 || png_scale > 64) return absl::InvalidArgumentError("--png_scale must be 1..64");
 
   GenerateInputs inputs;
-  inputs.txt_embed = txt_embed;
-  inputs.pooled_text = pooled_text;
-  if (negative_txt) inputs.negative_txt_embed = *negative_txt;
-  if (negative_pooled) inputs.negative_pooled_text = *negative_pooled;
+  std::vector<Tensor> owned;
+  // --grid without a prompt or embeddings: the digits, one prompt per image.
+  RETURN_IF_ERROR(ReadConditioning(flags, /*required=*/grid == 0, inputs, owned));
+  const bool digit_grid = grid > 0 && !inputs.prompt && inputs.txt_embed.data == nullptr;
+  if (digit_grid && grid > 10) {
+    return absl::InvalidArgumentError("--grid without --prompt makes one image per digit: at most 10");
+  }
+  ASSIGN_OR_RETURN(const std::optional<Tensor> initial_noise, OptionalNpy(flags, "initial_noise"));
+  ASSIGN_OR_RETURN(const std::optional<Tensor> init_latent, OptionalNpy(flags, "init_latent"));
   if (initial_noise) inputs.initial_noise = *initial_noise;
   if (init_latent) inputs.init_latent = *init_latent;
   if (flags.Has("latent") && flags.Has("img_tokens")) {
@@ -213,9 +278,7 @@ absl::Status Generate(const Flags& flags) {
   } else if (flags.Has("img_tokens")) {
     ASSIGN_OR_RETURN(int64_t tokens, flags.RequiredInt("img_tokens"));
     inputs.latent_shape = {tokens};
-  } else if (!initial_noise && !init_latent) {
-    return absl::InvalidArgumentError("give --latent C,H,W or --img_tokens N (or --initial_noise for the shape)");
-  }
+  }  // else the server's default: the model's nominal size (image form)
   ASSIGN_OR_RETURN(int64_t steps, flags.Int("steps", 0));
   inputs.steps = static_cast<int32_t>(steps);
   ASSIGN_OR_RETURN(inputs.guidance_scale, OptionalFloat(flags, "guidance"));
@@ -232,19 +295,51 @@ absl::Status Generate(const Flags& flags) {
   inputs.preview_every = static_cast<int32_t>(preview_every);
   inputs.request_id = flags.String("request_id");
   ASSIGN_OR_RETURN(int64_t timeout_ms, flags.Int("timeout_ms", 600'000));
-
   ASSIGN_OR_RETURN(auto client, Connect(flags));
-  ProgressPrinter printer(::isatty(STDERR_FILENO) == 1);
-  absl::StatusOr<GenerateResult> result =
-      client->Generate(inputs, dtype, std::chrono::milliseconds(timeout_ms),
-                       [&printer](const v1::GenerateProgress& progress) { printer.Print(progress); });
-  printer.EndLine();
-  if (!result.ok()) return result.status();
-  std::cerr << absl::StrFormat(
-      "%d steps in %.1f ms (first step after %.1f ms); queue %d us, compute %d us, mean batch %.2f rows\n",
-      result->steps, result->total_ms, result->first_progress_ms, result->queue_us, result->compute_us,
-      result->mean_batch_samples);
-  return WriteNpy(out_path, result->latent);
+
+  if (grid == 0) {
+    ProgressPrinter printer(::isatty(STDERR_FILENO) == 1);
+    absl::StatusOr<GenerateResult> result =
+        client->Generate(inputs, dtype, std::chrono::milliseconds(timeout_ms),
+                         [&printer](const v1::GenerateProgress& progress) { printer.Print(progress); });
+    printer.EndLine();
+    if (!result.ok()) return result.status();
+    std::cerr << absl::StrFormat(
+        "%d steps in %.1f ms (first step after %.1f ms); queue %d us, compute %d us, mean batch %.2f rows\n",
+        result->steps, result->total_ms, result->first_progress_ms, result->queue_us, result->compute_us,
+        result->mean_batch_samples);
+    return WriteLatents(out_path, {result->latent}, png_scale);
+  }
+
+  // A row of images, generated at once so that the server merges their steps into shared passes:
+  // the digits 0..grid-1 (one seed), or one conditioning with seeds seed..seed+grid-1.
+  std::vector<GenerateInputs> row(grid, inputs);
+  for (int64_t i = 0; i < grid; ++i) {
+    if (digit_grid) {
+      row[i].prompt = absl::StrCat(i);
+    } else {
+      row[i].seed = inputs.seed + i;
+    }
+  }
+  std::vector<absl::StatusOr<GenerateResult>> results(grid, absl::UnknownError("not run"));
+  std::vector<std::thread> callers;
+  for (int64_t i = 0; i < grid; ++i) {
+    callers.emplace_back([&, i] { results[i] = client->Generate(row[i], dtype, std::chrono::milliseconds(timeout_ms)); });
+  }
+  for (std::thread& caller : callers) caller.join();
+  std::vector<Tensor> latents;
+  for (int64_t i = 0; i < grid; ++i) {
+    if (!results[i].ok()) {
+      return absl::Status(results[i].status().code(),
+                          absl::StrCat("image ", i, ": ", results[i].status().message()));
+    }
+    std::cerr << absl::StrFormat("image %d (%s): %d steps in %.1f ms, mean batch %.2f rows\n", i,
+                                 row[i].prompt ? absl::StrCat("prompt \"", *row[i].prompt, "\"")
+                                               : absl::StrCat("seed ", row[i].seed),
+                                 results[i]->steps, results[i]->total_ms, results[i]->mean_batch_samples);
+    latents.push_back(std::move(results[i]->latent));
+  }
+  return WriteLatents(out_path, latents, png_scale);
 }
 
 // The request shapes of a bench: --mix, or one shape from --latent / --img_tokens and --txt_tokens.
@@ -365,7 +460,11 @@ int Main(int argc, char** argv) {
       {"denoise", Denoise, {"img_latent", "txt_embed", "timestep", "pooled_text", "out", "dtype"}},
       {"generate",
        Generate,
-       {"txt_embed",
+       {"prompt",
+        "negative_prompt",
+        "grid",
+        "png_scale",
+        "txt_embed",
         "pooled_text",
         "negative_txt_embed",
         "negative_pooled_text",

@@ -34,8 +34,8 @@ log "copying the committed sources (git archive HEAD) to $root/src"
 git archive HEAD | tar -x -C "$root/src"
 log "build stage: scripts/build.sh"
 in_root "cd /src && ./scripts/build.sh >/tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }"
-log "build stage: the built-in default model"
-in_root "cd / && /src/build/bin/mmdit init --out /models/seed-default --preset seed-default --seed 0"
+log "runtime stage: the built-in default model (COPY models/digits /models/digits)"
+in_root "mkdir -p /models && cp -r /src/models/digits /models/digits"
 
 log "start-up: mmdit-server on 127.0.0.1:50051 as the image runs it (WORKDIR /, built-in model)"
 in_root "cd / && (/src/build/bin/mmdit-server --host 127.0.0.1 --port 50051 --metrics_port 9090 >/tmp/server.log 2>&1 &) \
@@ -43,7 +43,8 @@ in_root "cd / && (/src/build/bin/mmdit-server --host 127.0.0.1 --port 50051 --me
 log "calls from inside the root"
 in_root "/src/build/bin/mmdit-client health --target 127.0.0.1:50051 \
   && /src/build/bin/mmdit-client info --target 127.0.0.1:50051 | head -12 \
-  && /src/build/bin/mmdit-client bench --target 127.0.0.1:50051 --concurrency 4 --requests 16 --img_tokens 64 --txt_tokens 32"
+  && /src/build/bin/mmdit-client bench --target 127.0.0.1:50051 --concurrency 4 --requests 16 --latent 1,8,8 --txt_tokens 4 \
+  && /src/build/bin/mmdit-client generate --target 127.0.0.1:50051 --prompt 7 --seed 1 --out /tmp/seven.png"
 log "SIGTERM: drain and exit"
 in_root "pkill -TERM -x mmdit-server; for i in \$(seq 1 40); do pgrep -x mmdit-server >/dev/null || break; sleep 0.5; done; tail -3 /tmp/server.log"
 log "done"

@@ -17,7 +17,10 @@ packages=(
   libbenchmark-dev       # bench/
   clang libclang-rt-14-dev  # the sanitizer stage and the fuzzers (scripts/sanitize.sh)
   python3-grpcio python3-protobuf python3-numpy python3-pytest  # the Python client and its tests
-  python3-torch          # RemoteTransformer's torch path in tests/python (and training, later)
+  python3-torch          # RemoteTransformer's torch path in tests/python; training/ (the digits model)
+  libopenblas0-pthread   # an optimized BLAS for python3-torch (Debian's default, netlib, is ~30x slower)
+  python3-sklearn        # the digits (training data) and the acceptance test's classifier
+  libpng-dev             # mmdit-client's PNG output
 )
 
 # Tools the deployment checks use, from Debian only where the machine has none already (a

@@ -526,7 +526,8 @@ class DenoiserServer::Service final
       return reactor;
     }
     absl::StatusOr<DecodedGenerate> decoded =
-        DecodeGenerateRequest(*request, *engine, server_.options_.limits, server_.flow_match_);
+        DecodeGenerateRequest(*request, *engine, server_.text_encoder_.get(), server_.options_.limits,
+                              server_.flow_match_);
     if (!decoded.ok()) {
       call->Finish(ToGrpc(decoded.status()));
       return reactor;
@@ -572,6 +573,15 @@ class DenoiserServer::Service final
     model->set_weight_bytes(parameters * 4);
     model->set_model_dir(server_.options_.model_dir);
     model->set_compute_dtype(ComputeDTypeName(engine->compute_dtype()));
+    model->set_sample_size(c.sample_size);
+    if (server_.text_encoder_ != nullptr) {
+      const TextEncoderSummary summary = server_.text_encoder_->Summary();
+      v1::TextEncoderInfo* encoder = model->mutable_text_encoder();
+      encoder->set_kind(summary.kind);
+      encoder->set_description(summary.description);
+      encoder->set_max_tokens(summary.max_tokens);
+      for (const std::string& word : summary.words) encoder->add_vocabulary(word);
+    }
     const ServerOptions& o = server_.options_;
     v1::ServerLimits* limits = response->mutable_limits();
     limits->set_max_samples_per_request(std::min(o.limits.max_samples_per_request, o.scheduler.max_batch_samples));
@@ -894,7 +904,7 @@ std::string DenoiserServer::RenderMetrics() const {
 }
 
 absl::Status DenoiserServer::Serve(std::unique_ptr<Engine> engine, const std::vector<WarmupShape>& warmup,
-                                   const FlowMatchConfig& flow_match) {
+                                   const FlowMatchConfig& flow_match, std::unique_ptr<TextEncoder> text_encoder) {
   const ModelConfig& c = engine->config();
   for (const WarmupShape& shape : warmup) {
     const Tensor img(shape.img_latent), txt({shape.text_tokens, c.joint_attention_dim}),
@@ -913,6 +923,7 @@ absl::Status DenoiserServer::Serve(std::unique_ptr<Engine> engine, const std::ve
   }
   owned_engine_ = std::move(engine);
   flow_match_ = flow_match;
+  text_encoder_ = std::move(text_encoder);
   engine_.store(owned_engine_.get(), std::memory_order_release);
   step_thread_ = std::thread([this] { StepLoop(); });
   health_.SetServing(true);

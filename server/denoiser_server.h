@@ -18,6 +18,7 @@
 #include "absl/status/statusor.h"
 #include "core/engine.h"
 #include "core/sampler.h"
+#include "core/text_encoder.h"
 #include "server/health_service.h"
 #include "server/http_endpoints.h"
 #include "server/metrics.h"
@@ -71,12 +72,13 @@ class DenoiserServer {
   static absl::StatusOr<std::unique_ptr<DenoiserServer>> Start(const ServerOptions& options);
   ~DenoiserServer();
 
-  // Takes the engine and the sampler's settings (the model's scheduler_config.json), runs each
+  // Takes the engine, the sampler's settings (the model's scheduler_config.json) and the
+  // model's text encoder (nullptr: none; Generate's `prompt` is then refused), runs each
   // warm-up shape once (so that no request pays for first-touch allocation or primitive
   // creation), starts the step loop, reports SERVING.
   // Errors: from the warm-up (the server stays NOT_SERVING).
   absl::Status Serve(std::unique_ptr<Engine> engine, const std::vector<WarmupShape>& warmup,
-                     const FlowMatchConfig& flow_match = {});
+                     const FlowMatchConfig& flow_match = {}, std::unique_ptr<TextEncoder> text_encoder = nullptr);
 
   // Health NOT_SERVING, new requests UNAVAILABLE; queued ones are still computed and answered.
   void BeginDrain();
@@ -109,6 +111,7 @@ class DenoiserServer {
   std::unique_ptr<ServerMetrics> metrics_;
   std::atomic<Engine*> engine_{nullptr};  // set once by Serve; owned by owned_engine_
   FlowMatchConfig flow_match_;            // set by Serve before engine_ is published
+  std::unique_ptr<TextEncoder> text_encoder_;  // likewise; nullptr: the model has none
   std::unique_ptr<Engine> owned_engine_;
   HealthService health_;              // outlives server_
   std::unique_ptr<Service> service_;  // outlives server_

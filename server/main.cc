@@ -5,13 +5,12 @@
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
-#include <filesystem>
 #include <iostream>
 
 #include "absl/strings/str_cat.h"
 #include "core/engine.h"
-#include "core/random_model.h"
 #include "core/status_macros.h"
+#include "core/text_encoder.h"
 #include "server/denoiser_server.h"
 #include "tools/flags.h"
 
@@ -20,13 +19,15 @@ extern char** environ;
 namespace mmdit {
 namespace {
 
-constexpr char kDefaultModelDir[] = "models/seed-default";
+// The built-in default model: the digits model this project trains (training/train_digits.py),
+// committed in the repository and copied into the container image.
+constexpr char kDefaultModelDir[] = "models/digits";
 
 // Every flag of the server: the parser, `--help` and the environment names come from here.
 constexpr FlagSpec kFlagSpecs[] = {
     {"model", "DIR",
-     "model directory: config.json and safetensors (default models/seed-default, created with RANDOM weights "
-     "if absent)"},
+     "model directory: config.json, safetensors, optional scheduler_config.json and text_encoder/ (default "
+     "models/digits: the trained digits model, prompts \"0\"..\"9\", \"seven\", \"a seven\")"},
     {"model_name", "NAME", "the model's name in the Open Inference Protocol (default: the model directory's last part)"},
     {"host", "0.0.0.0", "address to listen on"},
     {"port", "50051", "gRPC port (0: any free port, logged)"},
@@ -149,12 +150,9 @@ absl::Status Run(const Flags& flags) {
 
   const std::string& model_dir = options.model_dir;
   if (default_model) {
-    if (!std::filesystem::exists(std::filesystem::path(model_dir) / "config.json")) {
-      spdlog::warn("creating the built-in default model in {}: seed-default geometry, RANDOM weights", model_dir);
-      ASSIGN_OR_RETURN(ModelConfig config, PresetConfig("seed-default"));
-      RETURN_IF_ERROR(WriteRandomModel(model_dir, config, /*seed=*/0, DType::kF32));
-    }
-    spdlog::warn("serving the built-in default model (RANDOM weights); pass --model for a real one");
+    spdlog::info("serving the built-in default model {} (8x8 handwritten digits; prompts like \"7\" or \"a seven\"); "
+                 "pass --model for another",
+                 model_dir);
   }
   EngineOptions engine_options;
   ASSIGN_OR_RETURN(engine_options.compute, ParseComputeDType(flags.String("dtype", "f32"), "--dtype"));
@@ -169,7 +167,11 @@ absl::Status Run(const Flags& flags) {
       c.pos_embed_max_size.value_or(0), c.qk_norm, c.dual_attention_layers.size(),
       ComputeDTypeName(engine->compute_dtype()), omp_get_max_threads());
   ASSIGN_OR_RETURN(std::vector<WarmupShape> warmup, WarmupShapes(flags, c, options.limits));
-  RETURN_IF_ERROR(server->Serve(std::move(engine), warmup, flow_match));
+  ASSIGN_OR_RETURN(std::unique_ptr<TextEncoder> text_encoder,
+                   LoadTextEncoder(model_dir, c.joint_attention_dim, c.pooled_projection_dim));
+  spdlog::info("text encoder: {}", text_encoder ? text_encoder->Summary().description
+                                                : "none (Generate takes embeddings, not prompts)");
+  RETURN_IF_ERROR(server->Serve(std::move(engine), warmup, flow_match, std::move(text_encoder)));
   spdlog::info(
       "SERVING: passes of up to {} rows{}, max queue delay {} us, queue {} requests, {} running generations, "
       "sampler shift {}",

@@ -51,6 +51,53 @@ absl::Status RenameField(const absl::Status& status, const std::string& from, co
   return absl::Status(status.code(), message);
 }
 
+// Generate's conditioning as embeddings: txt_embed and pooled_text, and the negative pair for CFG.
+absl::Status DecodeEmbeddings(const v1::GenerateRequest& request, bool cfg, float guidance_scale,
+                              DecodedGenerate& decoded) {
+  ASSIGN_OR_RETURN(decoded.txt_embed, DecodeSingle(request.txt_embed(), "txt_embed", "[1, T, J]"));
+  ASSIGN_OR_RETURN(decoded.pooled_text, DecodeSingle(request.pooled_text(), "pooled_text", "[1, P]"));
+  if (cfg) {
+    if (!request.has_negative_txt_embed() || !request.has_negative_pooled_text()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "negative_txt_embed and negative_pooled_text: required with guidance_scale ", guidance_scale,
+          " > 1 (classifier-free guidance); send the empty prompt's embeddings, or guidance_scale <= 1"));
+    }
+    ASSIGN_OR_RETURN(decoded.negative_txt_embed,
+                     DecodeSingle(request.negative_txt_embed(), "negative_txt_embed", "[1, T, J]"));
+    ASSIGN_OR_RETURN(decoded.negative_pooled_text,
+                     DecodeSingle(request.negative_pooled_text(), "negative_pooled_text", "[1, P]"));
+  }
+
+  return absl::OkStatus();
+}
+
+// Generate's conditioning as text, through the model's encoder.
+absl::Status EncodePrompts(const v1::GenerateRequest& request, const TextEncoder* text_encoder, bool cfg,
+                           DecodedGenerate& decoded) {
+  const char* field = request.has_prompt() ? "prompt" : "negative_prompt";
+  if (text_encoder == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, ": this model has no text encoder (no text_encoder/ in its directory); send txt_embed and pooled_text"));
+  }
+  if (!request.has_prompt()) return absl::InvalidArgumentError("negative_prompt: only with prompt");
+  for (const auto& [given, name] : {std::pair{request.has_txt_embed(), "txt_embed"},
+                                    std::pair{request.has_pooled_text(), "pooled_text"},
+                                    std::pair{request.has_negative_txt_embed(), "negative_txt_embed"},
+                                    std::pair{request.has_negative_pooled_text(), "negative_pooled_text"}}) {
+    if (given) return absl::InvalidArgumentError(absl::StrCat(name, ": send either prompt or embeddings, not both"));
+  }
+  absl::StatusOr<EncodedPrompt> positive = text_encoder->Encode(request.prompt());
+  if (!positive.ok()) return absl::InvalidArgumentError(absl::StrCat("prompt: ", positive.status().message()));
+  decoded.txt_embed = std::move(positive->txt_embed);
+  decoded.pooled_text = std::move(positive->pooled_text);
+  if (!cfg) return absl::OkStatus();
+  absl::StatusOr<EncodedPrompt> negative = text_encoder->Encode(request.negative_prompt());  // unset: ""
+  if (!negative.ok()) return absl::InvalidArgumentError(absl::StrCat("negative_prompt: ", negative.status().message()));
+  decoded.negative_txt_embed = std::move(negative->txt_embed);
+  decoded.negative_pooled_text = std::move(negative->pooled_text);
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<DecodedRequest> DecodeRequest(const v1::DenoiseRequest& request, const Engine& engine,
@@ -84,7 +131,8 @@ absl::StatusOr<DecodedRequest> DecodeRequest(const v1::DenoiseRequest& request, 
 }
 
 absl::StatusOr<DecodedGenerate> DecodeGenerateRequest(const v1::GenerateRequest& request, const Engine& engine,
-                                                      const RequestLimits& limits, const FlowMatchConfig& flow_match) {
+                                                      const TextEncoder* text_encoder, const RequestLimits& limits,
+                                                      const FlowMatchConfig& flow_match) {
   const ModelConfig& config = engine.config();
   DecodedGenerate decoded;
   GenerationOptions options;
@@ -113,19 +161,12 @@ absl::StatusOr<DecodedGenerate> DecodeGenerateRequest(const v1::GenerateRequest&
           absl::StrCat("output_dtype: unknown dtype ", static_cast<int>(request.output_dtype())));
   }
 
-  // The conditioning: the prompt, and the negative prompt for CFG (ignored without it, as in diffusers).
-  ASSIGN_OR_RETURN(decoded.txt_embed, DecodeSingle(request.txt_embed(), "txt_embed", "[1, T, J]"));
-  ASSIGN_OR_RETURN(decoded.pooled_text, DecodeSingle(request.pooled_text(), "pooled_text", "[1, P]"));
-  if (cfg) {
-    if (!request.has_negative_txt_embed() || !request.has_negative_pooled_text()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "negative_txt_embed and negative_pooled_text: required with guidance_scale ", options.guidance_scale,
-          " > 1 (classifier-free guidance); send the empty prompt's embeddings, or guidance_scale <= 1"));
-    }
-    ASSIGN_OR_RETURN(decoded.negative_txt_embed,
-                     DecodeSingle(request.negative_txt_embed(), "negative_txt_embed", "[1, T, J]"));
-    ASSIGN_OR_RETURN(decoded.negative_pooled_text,
-                     DecodeSingle(request.negative_pooled_text(), "negative_pooled_text", "[1, P]"));
+  // The conditioning: the prompt, and the negative prompt for CFG (ignored without it, as in
+  // diffusers); as text for the model's encoder, or as embeddings.
+  if (request.has_prompt() || request.has_negative_prompt()) {
+    RETURN_IF_ERROR(EncodePrompts(request, text_encoder, cfg, decoded));
+  } else {
+    RETURN_IF_ERROR(DecodeEmbeddings(request, cfg, options.guidance_scale, decoded));
   }
 
   // The latent's shape: latent_shape, initial_noise or init_latent, which must agree.
@@ -151,9 +192,12 @@ absl::StatusOr<DecodedGenerate> DecodeGenerateRequest(const v1::GenerateRequest&
                                                      " differs from the latent's ", ShapeString(latent_shape)));
     }
   }
+  if (latent_shape.empty() && config.has_positions() && config.sample_size > 0) {
+    latent_shape = {config.in_channels, config.sample_size, config.sample_size};  // the model's nominal size
+  }
   if (latent_shape.empty()) {
     return absl::InvalidArgumentError("latent_shape: required ([C, H, W] or [N]) unless initial_noise or init_latent "
-                                      "gives the shape");
+                                      "gives the shape (image-form models with a sample_size default to it)");
   }
   for (int64_t dim : latent_shape) {
     if (dim < 1 || dim > (int64_t{1} << 20)) {

@@ -11,6 +11,7 @@
 
 #include "core/engine.h"
 #include "core/sampler.h"
+#include "core/text_encoder.h"
 #include "mmdit/v1/denoiser.pb.h"
 #include "proto/tensor_codec.h"
 
@@ -58,8 +59,10 @@ struct DecodedGenerate {
 
 // Decodes and validates `request` for `engine` (the same checks as Denoise's for every tensor
 // and the latent, plus the sampler's options). Errors: INVALID_ARGUMENT naming the field.
+// `text_encoder` (nullptr: the model has none) encodes `prompt` and `negative_prompt`.
 absl::StatusOr<DecodedGenerate> DecodeGenerateRequest(const v1::GenerateRequest& request, const Engine& engine,
-                                                      const RequestLimits& limits, const FlowMatchConfig& flow_match);
+                                                      const TextEncoder* text_encoder, const RequestLimits& limits,
+                                                      const FlowMatchConfig& flow_match);
 
 // One input of a request by its field name, for naming the likely cause of an overflow.
 struct NamedInput {

@@ -2,9 +2,12 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdio>
+#include <filesystem>
 
+#include "client/image.h"
 #include "core/npy.h"
 #include "core/sampler.h"
 #include "nlohmann/json.hpp"
@@ -13,9 +16,12 @@
 namespace mmdit {
 namespace {
 
+using ::mmdit::testing::DigitsModelDir;
 using ::mmdit::testing::GoldenDir;
+using ::mmdit::testing::MakeTempDir;
 using ::mmdit::testing::MaxAbsDiff;
 using ::mmdit::testing::RandomTensor;
+using ::mmdit::testing::StartModelServer;
 using ::mmdit::testing::StartServer;
 using ::testing::HasSubstr;
 
@@ -195,13 +201,22 @@ TEST(MmditClientTool, GenerateFromASeedStartsFromItsGaussianNoise) {
   EXPECT_LE(MaxAbsDiff(*latent, files.Reference(GaussianNoise({4, 8, 8}, 42), 2, 3.0f)), 1e-5);
 }
 
+TEST(MmditClientTool, GenerateWithoutALatentShapeSamplesTheModelsNominalSize) {
+  auto server = StartServer({}, "sd3_tiny");
+  const GenerateFiles files;
+  const std::string out = files.dir + "/nominal.npy";
+  const ToolRun run = Client("generate " + Target(*server) + files.Flags() + " --seed 42 --steps 2 --guidance 3 --out " + out);
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  auto latent = ReadNpy(out);
+  ASSERT_TRUE(latent.ok()) << latent.status();
+  EXPECT_EQ(latent->shape, (Shape{1, 4, 8, 8}));  // sd3_tiny: in_channels 4, sample_size 8
+  EXPECT_LE(MaxAbsDiff(*latent, files.Reference(GaussianNoise({4, 8, 8}, 42), 2, 3.0f)), 1e-5);
+}
+
 TEST(MmditClientTool, GenerateFailuresNameTheProblem) {
   auto server = StartServer({}, "sd3_tiny");
   const GenerateFiles files;
-  ToolRun run = Client("generate " + Target(*server) + files.Flags() + " --steps 2 --out /tmp/never.npy");
-  EXPECT_EQ(run.exit_code, 1);
-  EXPECT_THAT(run.output, HasSubstr("--latent"));
-  run = Client("generate " + Target(*server) + files.Flags() + " --latent 4,7,8 --steps 2 --out /tmp/never.npy");
+  ToolRun run = Client("generate " + Target(*server) + files.Flags() + " --latent 4,7,8 --steps 2 --out /tmp/never.npy");
   EXPECT_EQ(run.exit_code, 1);
   EXPECT_THAT(run.output, HasSubstr("INVALID_ARGUMENT: "));
   run = Client("generate " + Target(*server) + " --txt_embed " + files.dir + "/txt.npy --pooled_text " + files.dir +
@@ -211,6 +226,76 @@ TEST(MmditClientTool, GenerateFailuresNameTheProblem) {
   run = Client("generate " + Target(*server) + files.Flags() + " --latent 4,8,8 --stps 2 --out /tmp/never.npy");
   EXPECT_EQ(run.exit_code, 2);
   EXPECT_THAT(run.output, HasSubstr("stps"));
+}
+
+// The digits model: a prompt in, a picture out.
+TEST(MmditClientTool, GenerateWritesThePromptsImageAsAPngAndTheSameLatentAsNpy) {
+  auto server = StartModelServer({}, DigitsModelDir());
+  ASSERT_NE(server, nullptr);
+  const std::string dir = MakeTempDir("client_png");
+  const std::string common = "generate " + Target(*server) + " --prompt 7 --seed 3 --steps 8";
+  ToolRun run = Client(common + " --png_scale 4 --out " + dir + "/seven.png");
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  run = Client(common + " --out " + dir + "/seven.npy");
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  auto png = ReadPng(dir + "/seven.png");
+  ASSERT_TRUE(png.ok()) << png.status();
+  EXPECT_EQ(png->width, 32);  // 8 x 8, each pixel 4 x 4
+  EXPECT_EQ(png->height, 32);
+  EXPECT_EQ(png->channels, 1);
+  auto latent = ReadNpy(dir + "/seven.npy");
+  ASSERT_TRUE(latent.ok()) << latent.status();
+  ASSERT_EQ(latent->shape, (Shape{1, 1, 8, 8}));
+  auto image = LatentToImage(*latent);
+  ASSERT_TRUE(image.ok()) << image.status();
+  EXPECT_EQ(png->pixels, Upscale(*image, 4).pixels);  // same seed, same image
+  // Not a blank: a digit has ink and paper.
+  const auto [darkest, lightest] = std::minmax_element(image->pixels.begin(), image->pixels.end());
+  EXPECT_LT(*darkest, 64);
+  EXPECT_GT(*lightest, 192);
+
+  run = Client(common + " --out " + dir + "/seven.jpg");
+  EXPECT_EQ(run.exit_code, 1);
+  EXPECT_THAT(run.output, HasSubstr("--out must end in .npy or .png"));
+  run = Client("generate " + Target(*server) + " --prompt banana --out " + dir + "/x.png");
+  EXPECT_EQ(run.exit_code, 1);
+  EXPECT_THAT(run.output, HasSubstr("INVALID_ARGUMENT: prompt: word 'banana'"));
+  std::filesystem::remove_all(dir);
+}
+
+TEST(MmditClientTool, GenerateGridIsOneTilePerDigitEachTheSingleDigitsImage) {
+  auto server = StartModelServer({}, DigitsModelDir());
+  ASSERT_NE(server, nullptr);
+  const std::string dir = MakeTempDir("client_grid");
+  ToolRun run = Client("generate " + Target(*server) + " --grid 10 --seed 5 --steps 8 --out " + dir + "/grid.png");
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("image 9 (prompt \"9\")"));
+  auto grid = ReadPng(dir + "/grid.png");
+  ASSERT_TRUE(grid.ok()) << grid.status();
+  EXPECT_EQ(grid->width, 80);
+  EXPECT_EQ(grid->height, 8);
+  for (int digit : {0, 7}) {
+    const std::string one = dir + "/" + std::to_string(digit) + ".png";
+    run = Client("generate " + Target(*server) + " --prompt " + std::to_string(digit) + " --seed 5 --steps 8 --out " +
+                 one);
+    ASSERT_EQ(run.exit_code, 0) << run.output;
+    auto single = ReadPng(one);
+    ASSERT_TRUE(single.ok()) << single.status();
+    // The grid's steps ran in passes shared by ten images, the single one's alone: the same
+    // image up to float rounding, so at most one grey level apart.
+    int max_difference = 0;
+    for (int64_t y = 0; y < 8; ++y) {
+      for (int64_t x = 0; x < 8; ++x) {
+        const int in_grid = grid->pixels[y * 80 + digit * 8 + x], alone = single->pixels[y * 8 + x];
+        max_difference = std::max(max_difference, std::abs(in_grid - alone));
+      }
+    }
+    EXPECT_LE(max_difference, 1) << "digit " << digit;
+  }
+  run = Client("generate " + Target(*server) + " --grid 11 --out " + dir + "/x.png");
+  EXPECT_EQ(run.exit_code, 1);
+  EXPECT_THAT(run.output, HasSubstr("at most 10"));
+  std::filesystem::remove_all(dir);
 }
 
 TEST(MmditClientTool, BenchGenerateBothWaysCountsEveryImageWithCfgRows) {

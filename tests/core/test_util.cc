@@ -15,6 +15,8 @@ namespace mmdit::testing {
 
 std::string GoldenDir(const std::string& name) { return std::string(MMDIT_TEST_DATA_DIR) + "/golden/" + name; }
 
+std::string DigitsModelDir() { return std::string(MMDIT_MODELS_DIR) + "/digits"; }
+
 GoldenCase LoadGoldenCase(const std::string& name) {
   GoldenCase c;
   c.name = name;

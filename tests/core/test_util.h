@@ -12,6 +12,9 @@ namespace mmdit::testing {
 // tests/data/golden/<name>.
 std::string GoldenDir(const std::string& name);
 
+// models/digits: the trained default model, with its text encoder.
+std::string DigitsModelDir();
+
 // The golden case's inputs (float32) and expected_f64 output.
 struct GoldenCase {
   std::string name;

@@ -3,13 +3,13 @@ on the sd3_tiny golden model, over loopback. Run by ctest (python_client_test) w
 MMDIT_SERVER (the binary), MMDIT_GOLDEN (tests/data/golden) and PYTHONPATH (the built package)."""
 import os
 import pathlib
-import re
 import subprocess
 
 import grpc
 import numpy as np
 import pytest
 
+import server_process
 from mmdit_client import Client, MmditError, RemoteTransformer
 from mmdit_client._generated.inference import grpc_predict_v2_pb2 as v2
 from mmdit_client._generated.inference import grpc_predict_v2_pb2_grpc as v2_grpc
@@ -19,33 +19,14 @@ MODEL = GOLDEN / "sd3_tiny"
 
 
 def start_server(*extra):
-    """A child mmdit-server on a free port, once its log says SERVING: (process, port)."""
-    process = subprocess.Popen(
-        [os.environ["MMDIT_SERVER"], "--model", str(MODEL), "--host", "127.0.0.1", "--port", "0",
-         "--metrics_port", "-1", "--warmup", "1x4x8x8/5", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    port, log = None, []
-    for line in process.stdout:
-        log.append(line)
-        match = re.search(r"listening on [^ ]*:(\d+) ", line)
-        if match:
-            port = int(match.group(1))
-        if "SERVING:" in line:
-            break
-    assert port, "".join(log)
-    return process, port
-
-
-def stop_server(process):
-    process.terminate()
-    assert process.wait(timeout=30) == 0
+    return server_process.start_server(MODEL, "--warmup", "1x4x8x8/5", *extra)
 
 
 @pytest.fixture(scope="module")
 def server():
     process, port = start_server()
     yield f"127.0.0.1:{port}"
-    stop_server(process)
+    server_process.stop_server(process)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +119,7 @@ def test_mutual_tls(tmp_path):
                 anonymous.health()
             assert error.value.code == grpc.StatusCode.UNAVAILABLE
     finally:
-        stop_server(process)
+        server_process.stop_server(process)
 
 
 def test_generate_streams_every_step_and_is_seeded(client):

@@ -222,6 +222,34 @@ TEST(Generate, SeededNoiseIsReproducibleAndSeedsDiffer) {
   EXPECT_LE(MaxAbsDiff(first.final_latent, g.InProcess(*engine)), 1e-5);
 }
 
+TEST(Generate, AnEmptyLatentShapeIsTheModelsNominalSizeInImageForm) {
+  auto server = StartServer({});
+  auto client = ClientFor(*server);
+  Generation g = MakeGeneration(LoadEngine("sd3_tiny")->config(), {4, 8, 8}, 5, 3, 1.0f, 3);
+  v1::GenerateRequest request = g.Request();
+  request.clear_initial_noise();
+  request.set_seed(42);
+  const StreamResult nominal = RunGenerate(*client, request);  // sd3_tiny: in_channels 4, sample_size 8
+  for (int64_t d : {4, 8, 8}) request.add_latent_shape(d);
+  const StreamResult explicit_shape = RunGenerate(*client, request);
+  ASSERT_TRUE(nominal.status.ok()) << nominal.status.error_message();
+  ASSERT_TRUE(explicit_shape.status.ok()) << explicit_shape.status.error_message();
+  EXPECT_EQ(nominal.final_latent.shape, (Shape{4, 8, 8}));
+  EXPECT_EQ(nominal.final_latent.data, explicit_shape.final_latent.data);
+}
+
+TEST(Generate, TokenFormModelsHaveNoNominalSizeSoLatentShapeIsRequired) {
+  auto server = StartServer({}, "seed_tiny");
+  auto client = ClientFor(*server);
+  Generation g = MakeGeneration(LoadEngine("seed_tiny")->config(), {20, 16}, 5, 3, 1.0f, 3);
+  v1::GenerateRequest request = g.Request();
+  request.clear_initial_noise();
+  request.set_seed(42);
+  const StreamResult result = RunGenerate(*client, request);
+  EXPECT_EQ(result.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(result.status.error_message(), ::testing::HasSubstr("latent_shape: required"));
+}
+
 // A generation's result does not depend on who shared its steps: alone, and in a crowd of
 // other resolutions, step counts, text lengths, CFG settings and start times, with Denoise
 // calls mixed in.
@@ -449,8 +477,6 @@ INSTANTIATE_TEST_SUITE_P(
         MalformedCase{"negative_pooled_wrong",
                       [](v1::GenerateRequest& r) { *r.mutable_negative_pooled_text() = ZeroTensor({1, 3}); },
                       "negative_pooled_text"},
-        MalformedCase{"no_latent_shape",
-                      [](v1::GenerateRequest& r) { r.clear_initial_noise(); }, "latent_shape"},
         MalformedCase{"latent_wrong_channels",
                       [](v1::GenerateRequest& r) {
                         r.clear_initial_noise();
@@ -553,6 +579,126 @@ TEST(Generate, MetricsCountStepsGenerationsAndFirstSteps) {
   EXPECT_TRUE(Eventually([&] {
     return HttpGet(server->metrics_port(), "/metrics").find("mmdit_generations_running 0\n") != std::string::npos;
   }));
+}
+
+// The digits model (models/digits) and its text encoder: Generate's prompt is its encoder's
+// embeddings, and what is wrong with a prompt is named.
+std::unique_ptr<TextEncoder> DigitsEncoder() {
+  auto encoder = LoadTextEncoder(DigitsModelDir(), 32, 32);
+  EXPECT_TRUE(encoder.ok()) << encoder.status();
+  EXPECT_NE(*encoder, nullptr);
+  return std::move(*encoder);
+}
+
+void EncodeBatchOfOne(const Tensor& t, v1::Tensor* wire) {
+  Shape shape = t.shape;
+  shape.insert(shape.begin(), 1);
+  EncodeTensor(TensorView(shape, t.data.data()), v1::FP32, wire);
+}
+
+TEST(Generate, APromptIsTheSameGenerationAsItsEncodersEmbeddings) {
+  auto server = StartModelServer({}, DigitsModelDir());
+  ASSERT_NE(server, nullptr);
+  auto client = ClientFor(*server);
+  const std::unique_ptr<TextEncoder> encoder = DigitsEncoder();
+  auto seven = encoder->Encode("a seven"), empty = encoder->Encode(""), one = encoder->Encode("one");
+  ASSERT_TRUE(seven.ok() && empty.ok() && one.ok());
+
+  v1::GenerateRequest by_prompt;
+  by_prompt.set_prompt("A Seven!");  // case and punctuation do not matter
+  by_prompt.set_seed(5);
+  by_prompt.set_steps(6);  // guidance_scale unset: 7, so CFG against the empty negative prompt
+  v1::GenerateRequest by_embeddings;
+  by_embeddings.set_seed(5);
+  by_embeddings.set_steps(6);
+  EncodeBatchOfOne(seven->txt_embed, by_embeddings.mutable_txt_embed());
+  EncodeBatchOfOne(seven->pooled_text, by_embeddings.mutable_pooled_text());
+  EncodeBatchOfOne(empty->txt_embed, by_embeddings.mutable_negative_txt_embed());
+  EncodeBatchOfOne(empty->pooled_text, by_embeddings.mutable_negative_pooled_text());
+  const StreamResult prompted = RunGenerate(*client, by_prompt), embedded = RunGenerate(*client, by_embeddings);
+  ASSERT_TRUE(prompted.status.ok()) << prompted.status.error_message();
+  ASSERT_TRUE(embedded.status.ok()) << embedded.status.error_message();
+  EXPECT_EQ(prompted.final_latent.shape, (Shape{1, 8, 8}));  // the digits model's nominal size
+  EXPECT_EQ(prompted.final_latent.data, embedded.final_latent.data);
+  EXPECT_EQ(prompted.progress.front().rows(), 2);  // the positive and the negative prompt
+
+  // An explicit negative prompt is encoded too: "one" as the negative moves the result.
+  by_prompt.set_negative_prompt("one");
+  *by_embeddings.mutable_negative_txt_embed() = {};
+  *by_embeddings.mutable_negative_pooled_text() = {};
+  EncodeBatchOfOne(one->txt_embed, by_embeddings.mutable_negative_txt_embed());
+  EncodeBatchOfOne(one->pooled_text, by_embeddings.mutable_negative_pooled_text());
+  const StreamResult against_one = RunGenerate(*client, by_prompt), embedded_one = RunGenerate(*client, by_embeddings);
+  ASSERT_TRUE(against_one.status.ok() && embedded_one.status.ok());
+  EXPECT_EQ(against_one.final_latent.data, embedded_one.final_latent.data);
+  EXPECT_GT(MaxAbsDiff(against_one.final_latent, prompted.final_latent), 1e-3);
+}
+
+TEST(Generate, PromptErrorsNameTheFieldAndTheProblem) {
+  auto digits = StartModelServer({}, DigitsModelDir());
+  auto tiny = StartServer({});
+  ASSERT_NE(digits, nullptr);
+  auto digits_client = ClientFor(*digits), tiny_client = ClientFor(*tiny);
+  struct Case {
+    std::string description;
+    DenoiserClient* client;
+    std::function<void(v1::GenerateRequest&)> set;
+    std::string expected;
+  };
+  const std::vector<Case> cases = {
+      {"no encoder", tiny_client.get(), [](v1::GenerateRequest& r) { r.set_prompt("7"); },
+       "prompt: this model has no text encoder"},
+      {"prompt and embeddings", digits_client.get(),
+       [](v1::GenerateRequest& r) {
+         r.set_prompt("7");
+         *r.mutable_txt_embed() = ZeroTensor({1, 4, 32});
+       },
+       "txt_embed: send either prompt or embeddings, not both"},
+      {"negative without prompt", digits_client.get(), [](v1::GenerateRequest& r) { r.set_negative_prompt("1"); },
+       "negative_prompt: only with prompt"},
+      {"unknown word", digits_client.get(), [](v1::GenerateRequest& r) { r.set_prompt("a banana"); },
+       "prompt: word 'banana' is not in the text encoder's vocabulary"},
+      {"unknown negative word", digits_client.get(),
+       [](v1::GenerateRequest& r) {
+         r.set_prompt("7");
+         r.set_negative_prompt("blurry");
+       },
+       "negative_prompt: word 'blurry'"},
+      {"too many words", digits_client.get(),
+       [](v1::GenerateRequest& r) { r.set_prompt("the handwritten digit seven please"); },
+       "prompt: has 5 words; the text encoder takes at most 4"},
+  };
+  for (const Case& c : cases) {
+    v1::GenerateRequest request;
+    request.set_seed(1);
+    request.set_steps(2);
+    c.set(request);
+    const StreamResult result = RunGenerate(*c.client, request);
+    EXPECT_EQ(result.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << c.description;
+    EXPECT_THAT(result.status.error_message(), ::testing::HasSubstr(c.expected)) << c.description;
+    EXPECT_TRUE(result.progress.empty()) << c.description;
+  }
+}
+
+TEST(Generate, GetModelInfoReportsTheTextEncoderAndTheNominalSize) {
+  auto digits = StartModelServer({}, DigitsModelDir());
+  auto tiny = StartServer({});
+  ASSERT_NE(digits, nullptr);
+  absl::StatusOr<v1::GetModelInfoResponse> info = ClientFor(*digits)->GetModelInfo(std::chrono::seconds(10));
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->model().sample_size(), 8);
+  EXPECT_EQ(info->model().in_channels(), 1);
+  ASSERT_TRUE(info->model().has_text_encoder());
+  const v1::TextEncoderInfo& encoder = info->model().text_encoder();
+  EXPECT_EQ(encoder.kind(), "LookupTextEncoder");
+  EXPECT_EQ(encoder.max_tokens(), 4);
+  EXPECT_THAT(encoder.vocabulary(), ::testing::Contains("seven"));
+  EXPECT_THAT(encoder.vocabulary(), ::testing::Contains("7"));
+  EXPECT_EQ(encoder.vocabulary_size(), 26);
+  info = ClientFor(*tiny)->GetModelInfo(std::chrono::seconds(10));
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_FALSE(info->model().has_text_encoder());
+  EXPECT_EQ(info->model().sample_size(), 8);
 }
 
 }  // namespace

@@ -21,11 +21,15 @@ using ::mmdit::testing::StartDenoise;
 // A child mmdit-server whose log is read until it reports SERVING.
 class ServerProcess {
  public:
-  ServerProcess(const std::vector<std::string>& args, const std::vector<std::string>& environment) {
+  // With `working_dir`, the child starts there (where relative paths, the default model's
+  // among them, resolve).
+  ServerProcess(const std::vector<std::string>& args, const std::vector<std::string>& environment,
+                const std::string& working_dir = "") {
     int pipe_fds[2];
     EXPECT_EQ(::pipe(pipe_fds), 0);
     pid_ = ::fork();
     if (pid_ == 0) {
+      if (!working_dir.empty() && ::chdir(working_dir.c_str()) != 0) ::_exit(126);
       ::dup2(pipe_fds[1], STDOUT_FILENO);
       ::dup2(pipe_fds[1], STDERR_FILENO);
       ::close(pipe_fds[0]);
@@ -105,6 +109,26 @@ TEST(ServerProcess, SigtermAnswersEveryAcceptedRequestThenExitsCleanly) {
     EXPECT_EQ(call->response.batch_samples(), 3);  // the three queued ones went together
   }
   EXPECT_THAT(server.log(), ::testing::HasSubstr("draining"));
+}
+
+// No --model: the built-in default, models/digits under the working directory (the repository
+// root here, / in the container image), with its text encoder: a prompt makes an image.
+TEST(ServerProcess, WithoutAModelItServesTheTrainedDigitsModelWithItsTextEncoder) {
+  ServerProcess server({"--host", "127.0.0.1", "--port", "0", "--metrics_port", "-1"}, {},
+                       std::string(MMDIT_PROJECT_DIR));
+  ASSERT_GT(server.port(), 0) << server.log();
+  EXPECT_THAT(server.log(), ::testing::HasSubstr("serving the built-in default model models/digits"));
+  EXPECT_THAT(server.log(), ::testing::HasSubstr("text encoder: lookup table, 26 words, 4 tokens"));
+  auto client = DenoiserClient::Connect({.target = "127.0.0.1:" + std::to_string(server.port())});
+  ASSERT_TRUE(client.ok());
+  GenerateInputs inputs;
+  inputs.prompt = "seven";
+  inputs.seed = 1;
+  inputs.steps = 4;
+  absl::StatusOr<GenerateResult> result = (*client)->Generate(inputs, v1::FP32, std::chrono::seconds(60));
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->latent.shape, (Shape{1, 1, 8, 8}));
+  EXPECT_EQ(server.Terminate(), 0) << server.log();
 }
 
 // --dtype from the command line and from the environment (the flag table builds both).

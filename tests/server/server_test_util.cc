@@ -12,19 +12,35 @@
 namespace mmdit::testing {
 
 std::unique_ptr<DenoiserServer> StartServer(ServerOptions options, const std::string& golden, bool serve) {
+  if (serve) return StartModelServer(std::move(options), GoldenDir(golden));
   options.host = "127.0.0.1";
   options.port = 0;
   options.metrics_port = 0;
-  if (options.model_dir.empty()) options.model_dir = GoldenDir(golden);  // names the model: "sd3_tiny"
+  if (options.model_dir.empty()) options.model_dir = GoldenDir(golden);
+  auto server = DenoiserServer::Start(options);
+  EXPECT_TRUE(server.ok()) << server.status();
+  return server.ok() ? std::move(*server) : nullptr;
+}
+
+std::unique_ptr<DenoiserServer> StartModelServer(ServerOptions options, const std::string& model_dir) {
+  options.host = "127.0.0.1";
+  options.port = 0;
+  options.metrics_port = 0;
+  if (options.model_dir.empty()) options.model_dir = model_dir;  // names the model: "sd3_tiny"
   auto server = DenoiserServer::Start(options);
   EXPECT_TRUE(server.ok()) << server.status();
   if (!server.ok()) return nullptr;
-  if (serve) {
-    auto engine = Engine::Load(GoldenDir(golden));
-    EXPECT_TRUE(engine.ok()) << engine.status();
-    const absl::Status status = (*server)->Serve(std::move(*engine), {});
-    EXPECT_TRUE(status.ok()) << status;
-  }
+  auto engine = Engine::Load(model_dir);
+  EXPECT_TRUE(engine.ok()) << engine.status();
+  auto flow_match = LoadFlowMatchConfig(model_dir);
+  EXPECT_TRUE(flow_match.ok()) << flow_match.status();
+  if (!engine.ok() || !flow_match.ok()) return nullptr;
+  const ModelConfig& c = (*engine)->config();
+  auto text_encoder = LoadTextEncoder(model_dir, c.joint_attention_dim, c.pooled_projection_dim);
+  EXPECT_TRUE(text_encoder.ok()) << text_encoder.status();
+  if (!text_encoder.ok()) return nullptr;
+  const absl::Status status = (*server)->Serve(std::move(*engine), {}, *flow_match, std::move(*text_encoder));
+  EXPECT_TRUE(status.ok()) << status;
   return std::move(*server);
 }
 

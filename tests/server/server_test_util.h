@@ -18,6 +18,10 @@ namespace mmdit::testing {
 std::unique_ptr<DenoiserServer> StartServer(ServerOptions options, const std::string& golden = "sd3_tiny",
                                             bool serve = true);
 
+// The same for the model directory `model_dir`, with its scheduler_config.json and its text
+// encoder when it has one (as mmdit-server loads them).
+std::unique_ptr<DenoiserServer> StartModelServer(ServerOptions options, const std::string& model_dir);
+
 std::unique_ptr<DenoiserClient> ClientFor(const DenoiserServer& server);
 
 // Batched random inputs that fit sd3_tiny: `batch` samples of [4, height, width] with

@@ -117,27 +117,30 @@ class Client:
             _raise(error)
         return _tensors.decode(response.prediction)
 
-    def generate(self, txt_embed, pooled_text, latent_shape: Sequence[int], negative_txt_embed=None,
+    def generate(self, txt_embed=None, pooled_text=None, latent_shape: Sequence[int] = (), negative_txt_embed=None,
                  negative_pooled_text=None, steps: int = 0, guidance_scale: Optional[float] = None, seed: int = 0,
                  initial_noise=None, init_latent=None, strength: Optional[float] = None,
                  skip_layers: Sequence[int] = (), preview_every: int = 0, dtype: str = "fp32",
-                 timeout: Optional[float] = None, request_id: str = "") -> Iterator[Progress]:
+                 timeout: Optional[float] = None, request_id: str = "", prompt: Optional[str] = None,
+                 negative_prompt: Optional[str] = None) -> Iterator[Progress]:
         """A whole image, sampled by the server: yields one Progress per step; the last carries the
-        final latent. txt_embed [1, T, joint_attention_dim], pooled_text [1, pooled_dim];
-        latent_shape [C, H, W] (image form) or [N] (token form); the final latent is
-        [1, C, H, W] or [1, N, img_dim]. Guidance > 1 (the default is 7) needs the
-        negative pair. Breaking out of the loop cancels the generation."""
+        final latent. The conditioning is either `prompt` (and `negative_prompt`, default the empty
+        one), for a model with a text encoder (GetModelInfo's text_encoder), or the embeddings:
+        txt_embed [1, T, joint_attention_dim], pooled_text [1, pooled_dim], and for guidance > 1
+        (the default is 7) the negative pair. latent_shape [C, H, W] (image form; empty: the
+        model's sample_size) or [N] (token form); the final latent is [1, C, H, W] or
+        [1, N, img_dim]. Breaking out of the loop cancels the generation."""
         wire = _tensors.dtype_of(dtype)
-        request = pb.GenerateRequest(
-            txt_embed=_tensors.encode(txt_embed, pb.FP32), pooled_text=_tensors.encode(pooled_text, pb.FP32),
-            latent_shape=list(latent_shape), steps=steps, seed=seed, preview_every=preview_every,
-            output_dtype=wire, request_id=request_id)
-        optional_tensors = {"negative_txt_embed": negative_txt_embed, "negative_pooled_text": negative_pooled_text,
+        request = pb.GenerateRequest(latent_shape=list(latent_shape), steps=steps, seed=seed,
+                                     preview_every=preview_every, output_dtype=wire, request_id=request_id)
+        optional_tensors = {"txt_embed": txt_embed, "pooled_text": pooled_text,
+                            "negative_txt_embed": negative_txt_embed, "negative_pooled_text": negative_pooled_text,
                             "initial_noise": initial_noise, "init_latent": init_latent}
         for field, value in optional_tensors.items():
             if value is not None:
                 getattr(request, field).CopyFrom(_tensors.encode(value, pb.FP32))
-        for field, value in (("guidance_scale", guidance_scale), ("strength", strength)):
+        for field, value in (("guidance_scale", guidance_scale), ("strength", strength), ("prompt", prompt),
+                             ("negative_prompt", negative_prompt)):
             if value is not None:
                 setattr(request, field, value)
         request.skip_layer_guidance.layers.extend(skip_layers)
