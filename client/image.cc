@@ -68,7 +68,8 @@ absl::StatusOr<Image> LatentToImage(const Tensor& latent) {
   for (int64_t c = 0; c < s[1]; ++c) {
     for (int64_t i = 0; i < plane; ++i) {
       const float value = std::round((latent.data[c * plane + i] + 1.0f) * 0.5f * 255.0f);
-      image.pixels[i * s[1] + c] = static_cast<uint8_t>(std::clamp(value, 0.0f, 255.0f));  // NaN: 0
+      // NaN: 0 (std::clamp passes NaN through, and casting it to an integer is undefined).
+      image.pixels[i * s[1] + c] = std::isnan(value) ? 0 : static_cast<uint8_t>(std::clamp(value, 0.0f, 255.0f));
     }
   }
   return image;

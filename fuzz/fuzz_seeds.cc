@@ -1,6 +1,7 @@
 // Writes seed corpora the golden files do not give as they are: valid Denoise, Generate and
 // reflection requests (Denoise and Generate for the sd3_tiny golden model, from its golden
-// inputs; the first byte picks the message, as in request_fuzz), and small safetensors files in each stored dtype (the
+// inputs; Generate prompts for the digits model; the first byte picks the message, as in
+// request_fuzz), and small safetensors files in each stored dtype (the
 // golden checkpoints are over a megabyte, too large to mutate usefully).
 //   fuzz_seeds REQUEST_DIR SAFETENSORS_DIR
 #include <fstream>
@@ -67,6 +68,18 @@ int main(int argc, char** argv) {
   generate.set_preview_every(2);
   generate.set_output_dtype(mmdit::v1::FP16);
   ok = ok && Write(out + "generate_cfg_slg", '\1', generate);
+  // Prompts for the digits model's text encoder (first byte 3), and one for sd3_tiny, which has none.
+  mmdit::v1::GenerateRequest prompted;
+  prompted.set_prompt("a seven");
+  prompted.set_steps(4);
+  prompted.set_seed(3);
+  ok = ok && Write(out + "generate_prompt", '\3', prompted);
+  prompted.set_negative_prompt("the digit 1");
+  prompted.add_latent_shape(1);
+  prompted.add_latent_shape(8);
+  prompted.add_latent_shape(8);
+  ok = ok && Write(out + "generate_prompt_negative", '\3', prompted);
+  ok = ok && Write(out + "generate_prompt_no_encoder", '\1', prompted);
   grpc::reflection::v1::ServerReflectionRequest reflection;
   reflection.set_list_services("");
   ok = ok && Write(out + "reflection_list", '\2', reflection);

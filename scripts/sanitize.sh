@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 fuzz_seconds="${1:-15}"
 tests=(npy_test tensor_test safetensors_test model_config_test weights_test layers_test linear_test
-       engine_golden_test engine_reference_test engine_skip_layers_test sampler_test
+       engine_golden_test engine_reference_test engine_skip_layers_test sampler_test text_encoder_test image_test
        request_codec_test metrics_test step_scheduler_test server_test inference_test generate_test tls_test
        server_process_test)
 fuzzers=(safetensors_fuzz npy_fuzz model_config_fuzz request_fuzz)

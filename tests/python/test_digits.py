@@ -86,6 +86,29 @@ def test_the_same_seed_is_the_same_image_and_other_seeds_differ(client):
     assert np.max(np.abs(first - other)) > 1e-2
 
 
+def diffusers_sigmas(steps, shift, train_timesteps):
+    """FlowMatchEulerDiscreteScheduler's sigmas after set_timesteps(steps), written from diffusers'
+    code (float32 table, float64 linspace, shifted again), without the trailing 0."""
+    def shifted(s):
+        return shift * s / (1 + (shift - 1) * s)
+    table = shifted(np.arange(1, train_timesteps + 1, dtype=np.float32)[::-1] / np.float32(train_timesteps))
+    timesteps = np.linspace(float(table[0]) * train_timesteps, float(table[-1]) * train_timesteps, steps)
+    return shifted(timesteps / train_timesteps).astype(np.float32)
+
+
+def test_every_step_reaches_the_schedulers_sigma(client):
+    """The sigma schedule the server samples with is diffusers' for the model's
+    scheduler_config.json (shift 3): the images alone do not show a schedule without its shift."""
+    import json
+    scheduler = json.loads((DIGITS / "scheduler_config.json").read_text())
+    assert scheduler["shift"] == 3.0
+    for steps in (28, 5):
+        progress = list(client.generate(prompt="3", seed=1, steps=steps))
+        reached = np.array([p.sigma for p in progress], np.float32)
+        expected = np.append(diffusers_sigmas(steps, scheduler["shift"], scheduler["num_train_timesteps"])[1:], 0)
+        np.testing.assert_allclose(reached, expected, rtol=0, atol=1e-6)
+
+
 def test_the_python_text_encoder_is_the_servers(client):
     """The server's encoder, seen through Generate: a prompt and the Python encoder's embeddings
     of it give the same bytes."""
